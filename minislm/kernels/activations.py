@@ -5,12 +5,16 @@ GELU(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2))), the exact form BERT/MPNet c
 costs about as much as the matmul it follows, so the kernel uses `erf32`: a rational approximation
 erf(x) ~ x P(x^2) / Q(x^2) on |x| <= 4 (erf(4) rounds to 1 in float32), fitted for this project by linear
 least squares on Chebyshev points, max abs error 3.5e-7 over the float32 line. It is only mul/add/div/min/max,
-so the whole GELU loop becomes AVX-512 code.
+so the whole GELU loop becomes AVX-512 code. Softmax uses `exp32` for the same reason (libm's `expf` is a
+scalar call): exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2, e^r by its Taylor series to r^7
+(relative error 3e-7), and 2^n built directly in the float's exponent bits.
 """
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from minislm.kernels.checks import check_array, output_array
 
@@ -23,6 +27,12 @@ _ERF_CLIP = 4.0
 # Flags without `nnan`/`ninf`: softmax must keep -inf (masked scores) meaningful; reassociation is what lets
 # the max/sum reductions vectorise.
 SOFTMAX_FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693359375  # ln 2 split in two so n * _LN2_HI is exact for |n| < 2^9 (Cody-Waite reduction)
+_LN2_LO = -2.12194440e-4
+_EXP_MIN = -87.0  # below this e^x leaves float32's normal range: exp32 returns exactly 0 there
+_EXP_MAX = 88.0
 
 _erf64 = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -57,6 +67,36 @@ def erf32(x):
 def gelu32(x):
     """float32 -> float32 exact-erf GELU, used by this kernel and the matmul epilogue."""
     return np.float32(0.5) * x * (np.float32(1.0) + erf32(x * np.float32(0.7071067811865476)))
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """integer -> float32 with the same low 32 bits: a bare LLVM bitcast, so loops around it vectorise."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=False, inline="always")
+def exp32(x):
+    """float32 -> float32 e^x, relative error 3e-7; x < -87 (e^x < 2e-38) and -inf give exactly 0."""
+    xc = min(max(x, np.float32(_EXP_MIN)), np.float32(_EXP_MAX))
+    n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
+    r = xc - n * np.float32(_LN2_HI) - n * np.float32(_LN2_LO)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    y = p * _float32_from_bits((np.int64(n) + 127) << 23)  # 2^n: biased exponent in bits 23..30
+    return y if x >= np.float32(_EXP_MIN) else np.float32(0.0)
 
 
 _CHUNK = 16384  # elements per parallel task: large enough that thread start-up is amortised
@@ -96,7 +136,7 @@ def _softmax_kernel(x, out):
             m = max(m, x[r, k])
         s = np.float32(0.0)
         for k in range(K):
-            e = math.exp(x[r, k] - m)
+            e = exp32(x[r, k] - m)
             out[r, k] = e
             s += e
         inv = np.float32(1.0) / s

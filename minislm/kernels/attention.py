@@ -1,11 +1,12 @@
 """Fused multi-head scaled-dot-product attention over a packed QKV projection.
 
-One parallel task per (batch row, head). A task copies its head's keys transposed, K^T [D, T], into a
-per-thread scratch buffer (16 KB at D=32, T=128, so it stays in L1) and then handles one query at a time:
-the score row s [T] = mask + bias + q K^T / sqrt(D) is built with the T axis innermost (vectorised), turned
-into probabilities by a max-subtracted softmax, and multiplied into the head's values. Nothing [T, T] is ever
-materialised. Keys whose probability underflows to exactly 0 (every padding key under a mask of -inf,
-float32 min or -1e4) are skipped, so padding costs no value-side work and gets exactly zero weight.
+One parallel task per (batch row, head). A task copies its head's keys and values transposed,
+K^T and V^T [D, T], into per-thread scratch buffers (16 KB each at D=32, T=128, so they stay in L1), then
+handles one query at a time: the score row s [T] = mask + bias + q K^T / sqrt(D) is built with the T axis innermost
+(vectorised), turned into probabilities by a max-subtracted softmax, and each output o_d is the dot product
+of those probabilities with the contiguous row V^T[d]. Nothing [T, T] is ever materialised.
+Keys whose score is more than 87 below the row's maximum get exactly 0 weight (every padding key under a
+mask of -inf, float32 min or -1e4; see `exp32`).
 """
 import math
 
@@ -13,7 +14,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from minislm.kernels.activations import SOFTMAX_FASTMATH, softmax_reference
+from minislm.kernels.activations import SOFTMAX_FASTMATH, exp32, softmax_reference
 from minislm.kernels.checks import check_array, output_array
 
 _NO_BIAS = np.zeros((0, 0, 0), dtype=np.float32)
@@ -49,12 +50,14 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
     scale = np.float32(1.0 / math.sqrt(D))
     has_bias = pos_bias.shape[0] > 0
     kt_scratch = np.empty((n_threads, D, T), dtype=np.float32)  # one K^T per thread
+    vt_scratch = np.empty((n_threads, D, T), dtype=np.float32)  # one V^T per thread
     s_scratch = np.empty((n_threads, T), dtype=np.float32)      # one score row per thread
     for task in prange(B * n_heads):
         b = task // n_heads
         h = task % n_heads
         tid = numba.get_thread_id()
         kt = kt_scratch[tid]
+        vt = vt_scratch[tid]
         s = s_scratch[tid]
         q0 = h * D
         k0 = H + h * D
@@ -62,6 +65,7 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
         for j in range(T):
             for d in range(D):
                 kt[d, j] = qkv[b, j, k0 + d]
+                vt[d, j] = qkv[b, j, v0 + d]
         for i in range(T):
             if has_bias:
                 for j in range(T):
@@ -69,7 +73,7 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
             else:
                 for j in range(T):
                     s[j] = mask_add[b, j]
-            for d in range(D):
+            for d in range(D):  # s += q_i K^T * scale, T innermost so it vectorises
                 qd = qkv[b, i, q0 + d] * scale
                 ktd = kt[d]
                 for j in range(T):
@@ -77,22 +81,22 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
             m = s[0]
             for j in range(1, T):
                 m = max(m, s[j])
-            o = out[b, i, q0:q0 + D]
-            o[:] = 0.0
-            if m == -np.inf:
-                continue  # every key is masked with -inf: no distribution exists, output zeros
+            if m == -np.inf:  # every key is masked with -inf: no distribution exists, output zeros
+                for d in range(D):
+                    out[b, i, q0 + d] = 0.0
+                continue
             total = np.float32(0.0)
             for j in range(T):
-                e = math.exp(s[j] - m)
+                e = exp32(s[j] - m)
                 s[j] = e
                 total += e
             inv = np.float32(1.0) / total
-            for j in range(T):
-                if s[j] != 0.0:
-                    p = s[j] * inv
-                    v = qkv[b, j, v0:v0 + D]
-                    for d in range(D):
-                        o[d] += p * v[d]
+            for d in range(D):  # o_d = p . V^T[d], a contiguous dot over the keys
+                vtd = vt[d]
+                acc = np.float32(0.0)
+                for j in range(T):
+                    acc += s[j] * vtd[j]
+                out[b, i, q0 + d] = acc * inv
 
 
 def attention(qkv, mask_add, n_heads, pos_bias=None, out=None):

@@ -1,8 +1,8 @@
 """Layer norm with the residual add fused in: y = LN(x + residual) * gamma + beta.
 
 Two passes over each row (mean, then the mean squared deviation) instead of E[h^2] - E[h]^2, which cancels
-catastrophically when |mean| >> std. Both sums, and the centring, are done in float64 registers: a float32 sum of H values
-near 1e4 would already be off by ~1e-4 in the mean, larger than the whole tolerance of the kernel.
+catastrophically when |mean| >> std. Both sums, and the centring, are done in float64 registers: a float32
+sum of H values near 1e4 would already be off by ~1e-4 in the mean, more than the kernel's whole tolerance.
 """
 import numpy as np
 from numba import njit, prange
