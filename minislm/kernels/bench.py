@@ -4,7 +4,8 @@
 
 M = 4096 is a batch of 32 x 128 tokens, M = 32 one sequence of 32; K, N are MiniLM's (H 384, fused QKV 1152,
 FFN 1536) and MPNet's (768, 2304, 3072). Each timing is the best of several runs, numpy and Numba
-interleaved so both see the same machine load. Not a test: numbers depend on the machine and its load.
+interleaved so both see the same machine load; after each numpy block the script sleeps 0.3 s, because
+OpenBLAS's threads keep spinning for a while after a call and would steal the cores from Numba's. Not a test: numbers depend on the machine and its load.
 """
 import argparse
 import os
@@ -66,6 +67,7 @@ def main():
         t_np, t_nb, t_fused = float("inf"), float("inf"), float("inf")
         for _ in range(3):
             t_np = min(t_np, best_time(lambda: np.matmul(x, w.T, out=out), r))
+            time.sleep(0.3)
             t_nb = min(t_nb, best_time(lambda: linear(x, w, out=out), r))
             t_fused = min(t_fused, best_time(lambda: linear(x, w, b, gelu=True, out=out), r))
         print(f"{M:5d} {K:5d} {N:5d} | {flop / t_np / 1e9:7.0f} {flop / t_nb / 1e9:7.0f} {t_np / t_nb:5.2f} | "
@@ -81,6 +83,7 @@ def main():
     attention(qkv, mask, N, out=y)
     layer_norm(h, g, g, 1e-12, h, out=y.reshape(B * T, H))
     gelu(ffn, out=ffn_out)
+    time.sleep(0.3)
     t_att = best_time(lambda: attention(qkv, mask, N, out=y), reps)
     t_ln = best_time(lambda: layer_norm(h, g, g, 1e-12, h, out=y.reshape(B * T, H)), reps)
     t_gelu = best_time(lambda: gelu(ffn, out=ffn_out), reps)
