@@ -76,5 +76,7 @@ def load_expert(name_or_path):
     hf = load_folder(folder)
     cfg = hf.config
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json", max_len=cfg.max_tokens, pad_id=cfg.pad_id)
+    from minislm.weights import prepared_sha256
+
     return Expert(name=name, folder=Path(folder), config=cfg, tokenizer=tokenizer,
-                  encoder=Encoder.from_params(cfg, hf.params))
+                  encoder=Encoder.from_params(cfg, hf.params), _sha256=prepared_sha256(folder))

@@ -53,7 +53,7 @@ def make_tiny_folder(path, family, seed=0):
 def reference_model(path, family):
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path, attn_implementation="eager", torch_dtype=torch.float32)
+    model = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 
 
