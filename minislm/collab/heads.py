@@ -1,0 +1,36 @@
+"""Classifier heads: linear, or one hidden layer (GELU, dropout) before the linear output.
+
+    z [B, D] -> logits [B, C]
+"""
+import numpy as np
+
+from minislm.collab import activations, linear
+
+
+def init(rng, d, n_classes, hidden=0, dtype=np.float32):
+    """hidden = 0: a linear head; hidden > 0: D -> hidden (GELU, dropout) -> C."""
+    if hidden == 0:
+        return {"out": linear.init(rng, d, n_classes, dtype)}
+    return {"hid": linear.init(rng, d, hidden, dtype), "out": linear.init(rng, hidden, n_classes, dtype)}
+
+
+def forward(params, z, dropout=0.0, rng=None):
+    """rng None = evaluation (no dropout)."""
+    cache = {}
+    if "hid" in params:
+        h, cache["hid"] = linear.forward(params["hid"], z)
+        h, cache["gelu"] = activations.gelu_forward(h)
+        h, cache["drop"] = activations.dropout_forward(h, dropout, rng)
+        z = h
+    logits, cache["out"] = linear.forward(params["out"], z)
+    return logits, cache
+
+
+def backward(params, cache, dlogits, need_dz=True):
+    grads = {}
+    dz, grads["out"] = linear.backward(params["out"], cache["out"], dlogits, need_dx=need_dz or "hid" in params)
+    if "hid" in params:
+        dz = activations.dropout_backward(cache["drop"], dz)
+        dz = activations.gelu_backward(cache["gelu"], dz)
+        dz, grads["hid"] = linear.backward(params["hid"], cache["hid"], dz, need_dx=need_dz)
+    return dz, grads
