@@ -69,6 +69,16 @@ def length_batches(lengths, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def pooled_features(model, texts, max_len=128, batch_size=32):
+    """Pooled features [B, L+1, 2H] of texts, computed now (no cache), in length-sorted batches."""
+    rows = model.tokenizer.encode(texts, max_len)
+    out = np.zeros((len(rows), model.config.n_layers + 1, 2 * model.config.hidden), dtype=np.float32)
+    for idx in length_batches([len(r) for r in rows], batch_size):
+        ids, mask = model.tokenizer.pad([rows[i] for i in idx])
+        out[idx] = pool_layers(model.encoder.forward(ids, mask), mask)
+    return out
+
+
 def extract(model, texts, dataset, split, max_len=128, batch_size=32, cache_dir=None, progress=True):
     """Pooled features of every text, [B, L+1, 2H] float32, from the cache when it matches.
 

@@ -1,0 +1,153 @@
+"""The trained team end to end on tiny encoders: staged training, the batched cascade, checkpoints, the CLI."""
+import json
+
+import numpy as np
+import pytest
+
+from minislm import cascade, checkpoint, classify
+from minislm.checkpoint import CheckpointError
+from minislm.data import TextDataset
+from minislm.team import LEXICAL, Team, TeamConfig, lexical_logprob
+from tests.model_folders import make_tiny_folder
+
+pytestmark = pytest.mark.experts  # the lexical expert reads the pretrained experts' WordPiece vocabulary
+
+
+def toy(n, seed):
+    """Three topics, each with its own words, plus shared noise words: learnable but not trivial."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 3
+        words = [f"w{20 * y + int(k)}" for k in rng.integers(0, 20, 3)] + [f"w{int(k)}" for k in rng.integers(60, 110, 4)]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(y)
+    return TextDataset(texts, np.array(labels), ["red", "green", "blue"], "toy", f"split{seed}", "memory",
+                       {"note": "synthetic"})
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    root = tmp_path_factory.mktemp("team")
+    for fam in ("bert", "mpnet"):
+        (root / fam).mkdir()
+        make_tiny_folder(root / fam, fam)
+    cfg = TeamConfig(dataset="toy", label_names=["red", "green", "blue"],
+                     experts=[LEXICAL, str(root / "bert"), str(root / "mpnet")], proj_dim=16, head_hidden=16,
+                     folds=2, lexical={"dim": 8, "n_buckets": 256, "epochs": 3, "lr": 1.0},
+                     train={"epochs": 4, "batch_size": 32, "patience": 4})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
+        yield Team(cfg).fit(toy(150, 0), log=lambda s: None, progress=False), root
+
+
+def test_batched_cascade_equals_the_simulation(team):
+    team, _ = team
+    test = toy(40, 1)
+    probs, info = team.predict_proba(test.texts)
+    feats = {LEXICAL: team.standardized(LEXICAL, lexical_logprob(team.lexical.predict_proba(test.texts)))}
+    for name in team.cfg.encoders:
+        feats[name] = team.standardized(name, team.encoder_features(name, test.texts))
+    tier_probs = team.tier_probs(feats, team.lexical.predict_proba(test.texts))
+    tiers, preds, cost = cascade.simulate(tier_probs, team.thresholds, team.tier_flops(test.texts))
+    np.testing.assert_array_equal(info["exit_tier"], tiers)
+    np.testing.assert_array_equal(probs.argmax(1), preds)
+    np.testing.assert_allclose(info["flops"], cost, rtol=1e-12)
+    # forcing every row through every tier gives the full model's answer
+    full, info_full = team.predict_proba(test.texts, thresholds=[1.01, 1.01])
+    np.testing.assert_allclose(full, tier_probs[-1], atol=1e-5)
+    assert (info_full["exit_tier"] == 2).all()
+    lex_only, info0 = team.predict_proba(test.texts, max_tier=0)
+    assert (info0["exit_tier"] == 0).all() and info0["flops"].max() < 1e5
+
+
+def test_checkpoint_round_trip_and_mismatches(team, tmp_path):
+    team, _ = team
+    texts = toy(20, 2).texts
+    team.save(tmp_path / "ckpt", command="test")
+    back = checkpoint.load(tmp_path / "ckpt")
+    np.testing.assert_array_equal(back.predict_proba(texts)[0], team.predict_proba(texts)[0])
+    with pytest.raises(CheckpointError, match="predicts labels \\['red', 'green', 'blue'\\], not \\['a', 'b'\\]"):
+        checkpoint.load(tmp_path / "ckpt", label_names=["a", "b"])
+    with pytest.raises(CheckpointError, match="was trained with experts"):
+        checkpoint.load(tmp_path / "ckpt", experts=["lexical", "all-MiniLM-L6-v2"])
+    with pytest.raises(CheckpointError, match="no team.json"):
+        checkpoint.load(tmp_path)
+    meta = json.loads((tmp_path / "ckpt" / "team.json").read_text())
+    meta["experts"][1]["weights_sha256"] = "f" * 64
+    (tmp_path / "ckpt" / "team.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="a checkpoint from other experts"):
+        checkpoint.load(tmp_path / "ckpt").predict_proba(texts)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(team, tmp_path, monkeypatch):
+    team, _ = team
+    team.save(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "team.safetensors").read_bytes()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        team.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "team.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def run_cli(capsys, *argv):
+    code = classify.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_answers_and_explains(team, tmp_path, capsys):
+    team, _ = team
+    team.save(tmp_path / "ckpt")
+    code, out, err = run_cli(capsys, "--model", str(tmp_path / "ckpt"), "--json", "--explain", "w1 w2 w3", "w45 w50")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["label"] in ("red", "green", "blue") for r in rows] == [True, True]
+    assert {"probabilities", "exit_tier", "experts", "flops", "latency_ms", "explain", "reason"} <= set(rows[0])
+    code, out, _ = run_cli(capsys, "--model", str(tmp_path / "ckpt"), "--tier", "2", "--explain", "w3 w4")
+    assert code == 0 and "tier" in out
+
+
+@pytest.mark.parametrize("case", ["no-text", "directory", "binary", "bad-utf8", "not-a-checkpoint", "all-empty"])
+def test_cli_bad_input_is_one_line_exit_2(team, tmp_path, capsys, monkeypatch, case):
+    team, _ = team
+    team.save(tmp_path / "ckpt")
+    model = ["--model", str(tmp_path / "ckpt")]
+    f = tmp_path / "in.txt"
+    if case == "no-text":
+        monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+        argv = model
+    elif case == "directory":
+        argv = model + ["--file", str(tmp_path)]
+    elif case == "binary":
+        f.write_bytes(b"\x00\x01\x02binary\xff")
+        argv = model + ["--file", str(f)]
+    elif case == "bad-utf8":
+        f.write_bytes(b"fine line\n\xc3\x28 broken\n")
+        argv = model + ["--file", str(f)]
+    elif case == "not-a-checkpoint":
+        argv = ["--model", str(tmp_path), "some text"]
+    else:
+        f.write_text("\n   \n\n")
+        argv = model + ["--file", str(f)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_file_with_empty_and_huge_lines_answers_the_valid_ones(team, tmp_path, capsys):
+    team, _ = team
+    team.save(tmp_path / "ckpt")
+    f = tmp_path / "in.txt"
+    f.write_text("w1 w2 w3\n\n" + "w7 " * 350_000 + "\nw44 w45\n")  # a 1 MB line in the middle
+    code, out, err = run_cli(capsys, "--model", str(tmp_path / "ckpt"), "--json", "--file", str(f))
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 4 and "error" in rows[1] and "label" in rows[0] and "label" in rows[3]
+    assert "cut to its first" in rows[2]["note"]
