@@ -49,7 +49,8 @@ def flatten(tree, prefix):
 
 
 def unflatten(arrays, prefix):
-    tree = {}
+    """Inverse of flatten; a collaboration's parameter-free fusion ({}) comes back as {} too."""
+    tree = {"fusion": {}} if prefix.startswith(("tier", "router", "single")) else {}
     for key, v in arrays.items():
         if not key.startswith(prefix + "/"):
             continue
@@ -73,6 +74,8 @@ def save(team, folder, command=None):
     for k, tier in enumerate(team.tiers):
         if tier is not None:
             arrays.update(flatten(tier[1], f"tier{k}"))
+    if team.router is not None:
+        arrays.update(flatten(team.router[1], "router"))
     meta = {
         "format": FORMAT, "version": VERSION, "command": command,
         "config": {k: v for k, v in team.cfg.__dict__.items()},
@@ -81,6 +84,7 @@ def save(team, folder, command=None):
                     for k, e in enumerate(team.cfg.experts)],
         "singles": {n: c.to_dict() for n, (c, _) in team.singles.items()},
         "tiers": [None if t is None else t[0].to_dict() for t in team.tiers],
+        "router": None if team.router is None else team.router[0].to_dict(),
         "thresholds": [float(t) for t in team.thresholds],
         "protocol": team.protocol, "metrics": team.metrics,
     }
@@ -150,6 +154,8 @@ def load(folder, experts=None, label_names=None):
         team.singles[name] = (CollabConfig(**c), unflatten(arrays, f"single/{_escape(name)}"))
     team.tiers = [None if c is None else (CollabConfig(**c), unflatten(arrays, f"tier{k}"))
                   for k, c in enumerate(meta["tiers"])]
+    if meta.get("router"):
+        team.router = (CollabConfig(**meta["router"]), unflatten(arrays, "router"))
     team.thresholds = meta["thresholds"]
     team.protocol, team.metrics, team.command = meta["protocol"], meta["metrics"], meta.get("command")
     team.lexical = LexicalModel.load(folder, team.tokenizer())

@@ -51,7 +51,7 @@ def row(name, kind, labels, preds, gflops, n_classes, **extra):
             "macro_f1": macro_f1(labels, preds, n_classes), "gflops_per_sample": float(gflops), **extra}
 
 
-def run(dataset, out, data_dir=None, quick=False, log=print):
+def run(dataset, out, data_dir=None, quick=False, save_model=None, log=print):
     t_start = time.time()
     train, test = data.protocol_splits(dataset, data_dir)
     C = len(train.label_names)
@@ -133,8 +133,21 @@ def run(dataset, out, data_dir=None, quick=False, log=print):
         share = (np.bincount(tiers, minlength=len(tier_probs)) / len(tiers)).tolist()
         rows.append(row(name, "cascade", y_test, preds, cost.mean() / 1e9, C, thresholds=s["thresholds"],
                         exit_share=share, flops_vs_all_three=float(cost.mean() / all_three)))
+    if team.router is not None:  # gated mode: the lexical-fed router picks which encoders run
+        from minislm.collab import model as collab
+        c, p = team.router
+        pr = losses.softmax(trainer.logits_of(c, p, feats_test))  # = predict_gated: unchosen experts weigh 0
+        chosen = collab.gate_only(c, p, {LEXICAL: feats_test[LEXICAL]}) > 0
+        cost = team.router_flops(chosen, test.texts)
+        rows.append(row(f"router/top-{c.top_k} chosen by the lexical expert", "cascade", y_test, pr.argmax(1),
+                        cost.mean() / 1e9, C, run_share=dict(zip([short(e) for e in c.experts],
+                                                                 chosen.mean(axis=0).tolist())),
+                        flops_vs_all_three=float(cost.mean() / all_three)))
     curve = cascade.pareto(cascade.curve(tier_probs, y_test, tier_flops))
 
+    chosen = next(r for r in rows if r["name"] == "cascade/val-chosen (checkpoint)")
+    team.metrics["test"] = {"accuracy": chosen["accuracy"], "rows": len(y_test),
+                            "gflops_per_sample": chosen["gflops_per_sample"], "exit_share": chosen["exit_share"]}
     singles = [r for r in rows if r["kind"] == "single"]
     fusions = [r for r in rows if r["kind"] == "fusion"]
     best_single = max(singles, key=lambda r: r["accuracy"])
@@ -144,7 +157,8 @@ def run(dataset, out, data_dir=None, quick=False, log=print):
     b, c, p = mcnemar_exact(correct(best_fusion["name"]), correct(best_single["name"]))
     result = {
         "protocol": dict(train.protocol, val_fraction=cfg.val_fraction, max_len=cfg.max_len, seed=cfg.seed),
-        "command": f"python -m minislm.experiments {dataset}" + (" --quick" if quick else ""),
+        "command": f"python -m minislm.experiments {dataset}" + (" --quick" if quick else "")
+                   + (f" --save-model {save_model}" if save_model else ""),
         "rows": rows,
         "mcnemar": {"fusion": best_fusion["name"], "single": best_single["name"], "p_value": p,
                     "fusion_only_correct": b, "single_only_correct": c, "test": "exact binomial, two-sided"},
@@ -224,14 +238,18 @@ def markdown(result):
                                                    -r["accuracy"])):
         bar = "#" * max(1, int(round(40 * (r["accuracy"] - 0.8) / max(1e-9, top - 0.8)))) if r["accuracy"] > 0.8 else ""
         lines.append(f"| {r['kind']} | {r['name']} | {100 * r['accuracy']:.2f} | {100 * r['macro_f1']:.2f} "
-                     f"| {r['gflops_per_sample']:.3f} | `{bar}` |")
+                     f"| {r['gflops_per_sample']:.4g} | `{bar}` |")
     m = result["mcnemar"]
     lines += ["", f"McNemar ({m['test']}): {m['fusion']} vs {m['single']}: p = {m['p_value']:.3g} "
               f"({m['fusion_only_correct']} rows only the fusion gets right, {m['single_only_correct']} only the single)",
               "", "Cascade rows: thresholds chosen on the validation split; exit shares per tier "
               f"({', '.join(result['cascade_tiers'])}):", ""]
     for r in result["rows"]:
-        if r["kind"] == "cascade":
+        if r["kind"] == "cascade" and "run_share" in r:
+            lines.append(f"- {r['name']}: {100 * r['accuracy']:.2f}% at {100 * r['flops_vs_all_three']:.1f}% of the "
+                         f"FLOPs of running all three encoders; share of rows running each expert: "
+                         + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["run_share"].items()))
+        elif r["kind"] == "cascade":
             lines.append(f"- {r['name']}: {100 * r['accuracy']:.2f}% at {100 * r['flops_vs_all_three']:.1f}% of the "
                          f"FLOPs of running all three encoders; exits {', '.join(f'{100 * s:.1f}%' for s in r['exit_share'])}")
     return "\n".join(lines) + "\n"
@@ -274,7 +292,7 @@ def main(argv=None):
     ap.add_argument("--save-model", help="also save the trained team (checkpoint folder) here")
     args = ap.parse_args(argv)
     out = args.out or str(data.REPO / "notebooks" / "results" / f"{args.dataset}.json")
-    result, team = run(args.dataset, out, args.data_dir, args.quick)
+    result, team = run(args.dataset, out, args.data_dir, args.quick, args.save_model)
     print(markdown(result))
     if args.save_model:
         from minislm import checkpoint

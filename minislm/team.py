@@ -43,6 +43,7 @@ class TeamConfig:
     gate: str = "softmax"
     top_k: int = 2
     balance: float = 0.0
+    router_top_k: int = 2                         # gated mode: experts the lexical-fed router runs; 0 = none
     lexical: dict = field(default_factory=lambda: {"dim": 16, "n_buckets": 1 << 16, "epochs": 10, "lr": 1.0})
     train: dict = field(default_factory=lambda: TrainConfig().to_dict())
     seed: int = 0
@@ -70,6 +71,7 @@ class Team:
         self.singles = {}               # expert -> (CollabConfig, params): stage 1
         self.tiers = []                 # tier k -> (CollabConfig, params) over experts[:k+1]; tier 0 = lexical
         self.thresholds = []            # confidence needed to stop at tier k (k < last)
+        self.router = None              # (CollabConfig, params): gated mode, a top-k gate fed by the lexical expert
         self.metrics = {}               # validation numbers recorded during fit
         self.protocol = {}
         self._experts = {}
@@ -179,6 +181,9 @@ class Team:
         for k in range(1, len(cfg.experts) - 1):
             self.tiers[k] = self.train_fusion(cfg.experts[:k + 1], feats_fit, y_fit, feats_val, y_val, tc,
                                               teacher=teacher, log=log)
+        if cfg.router_top_k and LEXICAL in cfg.experts:
+            log(f"gated mode: a top-{cfg.router_top_k} router fed by the lexical expert")
+            self.router = self.train_router(feats_fit, y_fit, feats_val, y_val, tc, log=log)
         self.metrics["val_tiers"] = [float(trainer.accuracy(p, y_val)) for p in self.tier_probs(feats_val, p_val)]
         log("cascade thresholds on the validation split")
         self.thresholds, self.metrics["val_cascade"] = cascade.choose_thresholds(
@@ -208,6 +213,64 @@ class Team:
             log(f"  {'+'.join(short(e) for e in experts)} ({c.fusion}) val acc {info['val_accuracy']:.4f} "
                 f"(epoch {info['best_epoch']})")
         return c, params
+
+    def train_router(self, feats_fit, y_fit, feats_val, y_val, tc, log=None):
+        """A gated fusion over every expert whose noisy top-k gate reads only the lexical expert, so at
+        inference the gate can pick which encoders to run before any of them runs."""
+        import dataclasses
+
+        c = dataclasses.replace(self.collab_config(self.cfg.experts, feats_fit, fusion="gated"), gate="noisy_topk",
+                                top_k=self.cfg.router_top_k, gate_input=LEXICAL, balance=max(self.cfg.balance, 0.01))
+        params = collab.init(c, np.random.default_rng(self.cfg.seed))
+        for e in self.cfg.experts:
+            if e in self.singles:
+                params["mix"][e] = {k: v.copy() for k, v in self.singles[e][1]["mix"][e].items()}
+        params, info = trainer.fit(c, feats_fit, y_fit, feats_val, y_val, tc, params=params)
+        if log:
+            log(f"  router val acc {info['val_accuracy']:.4f} (epoch {info['best_epoch']})")
+        self.metrics["val_router"] = info["val_accuracy"]
+        return c, params
+
+    def router_flops(self, chosen, texts):
+        """FLOPs per row [B] of gated mode: the lexical expert, the encoders the router chose, the head."""
+        from minislm import flops
+
+        offsets, _ = self.lexical.bags(texts)
+        cost = self.lexical.flops(offsets).astype(np.float64) + head_flops(self.router[0])
+        lengths = None
+        for i, name in enumerate(self.router[0].experts):
+            if name == LEXICAL:
+                continue
+            e = self.expert(name)
+            if lengths is None:
+                lengths = np.array([len(r) for r in e.tokenizer.encode(texts, self.cfg.max_len)])
+            c = e.config
+            per = flops.encoder_per_sample(c, lengths) + (c.n_layers + 1) * ((lengths + 1) * c.hidden + 4 * c.hidden)
+            cost += np.where(chosen[:, i], per, 0.0)
+        return cost
+
+    def predict_gated(self, texts):
+        """Gated mode: the router reads the lexical expert, picks top-k experts per row, and only those run.
+        -> (probabilities [B, C], info with the chosen experts and FLOPs per row)."""
+        c, params = self.router
+        B = len(texts)
+        p_lex = self.lexical.predict_proba(texts)
+        feats = {LEXICAL: self.standardized(LEXICAL, lexical_logprob(p_lex))}
+        g = collab.gate_only(c, params, feats)                     # [B, E], k nonzero per row
+        chosen = g > 0
+        for i, name in enumerate(c.experts):
+            if name == LEXICAL:
+                continue
+            rows = np.flatnonzero(chosen[:, i])
+            e = self.expert(name)
+            full = np.zeros((B, e.config.n_layers + 1, 2 * e.config.hidden), dtype=np.float32)
+            if len(rows):
+                X = features_lib.pooled_features(e, [texts[r] for r in rows], self.cfg.max_len)
+                full[rows] = self.standardized(name, X)
+            feats[name] = full                                     # unchosen rows: zeros, weighted 0 by the gate
+        probs = trainer.losses.softmax(trainer.logits_of(c, params, feats))
+        return probs, {"gate": g, "experts": [[c.experts[i] for i in np.flatnonzero(r)] for r in chosen],
+                       "flops": self.router_flops(chosen, texts)}
 
     # ---- inference -----------------------------------------------------------------------------------
     def tier_probs(self, feats, lexical_probs):

@@ -62,12 +62,31 @@ def test_batched_cascade_equals_the_simulation(team):
     assert (info0["exit_tier"] == 0).all() and info0["flops"].max() < 1e5
 
 
+def test_gated_mode_runs_only_the_chosen_experts(team):
+    team, _ = team
+    test = toy(30, 3)
+    probs, info = team.predict_gated(test.texts)
+    assert probs.shape == (30, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert all(len(e) == team.cfg.router_top_k for e in info["experts"])
+    # running every expert on every row gives the same answer: the unchosen ones are weighted zero
+    from minislm.collab import trainer
+    c, params = team.router
+    feats = {LEXICAL: team.standardized(LEXICAL, lexical_logprob(team.lexical.predict_proba(test.texts)))}
+    for name in team.cfg.encoders:
+        feats[name] = team.standardized(name, team.encoder_features(name, test.texts))
+    full = trainer.losses.softmax(trainer.logits_of(c, params, feats))
+    np.testing.assert_allclose(probs, full, atol=1e-5)
+    all_encoders = team.router_flops(np.ones((30, 3), dtype=bool), test.texts)
+    assert (info["flops"] <= all_encoders).all() and (info["flops"] < all_encoders).any()
+
+
 def test_checkpoint_round_trip_and_mismatches(team, tmp_path):
     team, _ = team
     texts = toy(20, 2).texts
     team.save(tmp_path / "ckpt", command="test")
     back = checkpoint.load(tmp_path / "ckpt")
     np.testing.assert_array_equal(back.predict_proba(texts)[0], team.predict_proba(texts)[0])
+    np.testing.assert_array_equal(back.predict_gated(texts)[0], team.predict_gated(texts)[0])
     with pytest.raises(CheckpointError, match="predicts labels \\['red', 'green', 'blue'\\], not \\['a', 'b'\\]"):
         checkpoint.load(tmp_path / "ckpt", label_names=["a", "b"])
     with pytest.raises(CheckpointError, match="was trained with experts"):

@@ -29,9 +29,23 @@ class CollabConfig:
     gate: str = "softmax"      # "softmax" or "noisy_topk" (used by the gated fusion / the balance loss)
     top_k: int = 2             # experts kept by the noisy top-k gate
     balance: float = 0.0       # weight of the load-balancing loss (switch loss for softmax, importance+load for top-k)
+    gate_input: str = ""       # "" = the gate reads every expert's vector; an expert name = only that one's
+                               # (a router fed by a cheap expert can choose which costly experts to run)
 
     def to_dict(self):
         return asdict(self)
+
+
+def gate_only(cfg, p, feats):
+    """The gate's weights [B, E] from the gate-input expert's features alone (evaluation mode): which experts
+    a router would run. Needs cfg.gate_input."""
+    name = cfg.gate_input
+    m, _ = layermix.forward(p["mix"][name], feats[name])
+    if cfg.proj_dim:
+        m, _ = linear.forward(p["proj"][name], m)
+    if cfg.gate == "noisy_topk":
+        return gate.noisy_topk_forward(p["gate"], m, cfg.top_k, None)[0]
+    return gate.softmax_forward(p["gate"], m)[0]
 
 
 def _dims(cfg):
@@ -51,7 +65,8 @@ def init(cfg, rng, dtype=np.float32):
     fused_dim = sum(z) if cfg.fusion == "concat" else fusion_lib.get(cfg.fusion).out_dim(E, z[0])
     p["fusion"] = fusion_lib.get(cfg.fusion).init(rng, E, z[0], dtype) if cfg.fusion != "concat" else {}
     if uses_gate(cfg):
-        p["gate"] = gate.init(rng, sum(z), E, noisy=cfg.gate == "noisy_topk", dtype=dtype)
+        g_in = z[cfg.experts.index(cfg.gate_input)] if cfg.gate_input else sum(z)
+        p["gate"] = gate.init(rng, g_in, E, noisy=cfg.gate == "noisy_topk", dtype=dtype)
     p["head"] = heads.init(rng, fused_dim, cfg.n_classes, cfg.head_hidden, dtype)
     return p
 
@@ -71,7 +86,7 @@ def forward(cfg, p, feats, rng=None):
         zs.append(m)
     g = None
     if uses_gate(cfg):
-        gx = np.concatenate(zs, axis=1)
+        gx = zs[cfg.experts.index(cfg.gate_input)] if cfg.gate_input else np.concatenate(zs, axis=1)
         if cfg.gate == "noisy_topk":
             eps = None if rng is None else rng.standard_normal((gx.shape[0], len(zs))).astype(gx.dtype)
             g, cache["gate"] = gate.noisy_topk_forward(p["gate"], gx, cfg.top_k, eps)
@@ -118,7 +133,11 @@ def backward(cfg, p, cache, dlogits, dg_extra=None, dh_extra=None):
             dgx, grads["gate"] = gate.noisy_topk_backward(p["gate"], cache["gate"], dg, dh_extra)
         else:
             dgx, grads["gate"] = gate.softmax_backward(p["gate"], cache["gate"], dg)
-        dzs = [a + b for a, b in zip(dzs, np.split(dgx, np.cumsum([z.shape[1] for z in dzs])[:-1], axis=1))]
+        if cfg.gate_input:
+            i = cfg.experts.index(cfg.gate_input)
+            dzs[i] = dzs[i] + dgx
+        else:
+            dzs = [a + b for a, b in zip(dzs, np.split(dgx, np.cumsum([z.shape[1] for z in dzs])[:-1], axis=1))]
     if cfg.proj_dim:
         grads["proj"] = {}
     for n, dz in zip(cfg.experts, dzs):

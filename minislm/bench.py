@@ -1,0 +1,397 @@
+"""`python -m minislm.bench`: minislm's encoder and kernels against the references a user would pick instead.
+
+In one run: (a) the Numba matmul vs numpy's BLAS on the encoder's shapes; (b) the attention kernel vs torch's
+scaled_dot_product_attention; (c) each expert's encoder throughput at batch 32 x 128 and latency at batch
+1 x 32 for minislm, transformers (eager) and ONNX Runtime (the transformers model exported at bench time);
+(d) peak resident memory of each engine at batch 32 x 128, each measured in a fresh process; (e) the CPU,
+its vector extensions, thread counts and library versions; with --workload, (f) docs/s extracting pooled
+features of the AG News test split with real lengths, minislm vs transformers. Medians of several timed
+runs after a warm-up; every ratio uses references measured in the same run. torch, transformers,
+onnxruntime and onnxscript come from the `bench` extra; the output says which references are missing.
+
+Some machines set OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, which slow numpy's BLAS down; the bench removes
+them for its own process (and says so) so that numpy runs the BLAS a user gets by default.
+"""
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {"b32_t128": (32, 128), "b1_t32": (1, 32)}
+
+
+def cpu_info():
+    """CPU model and the vector extensions that matter for float32 GEMM."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        model = platform.processor() or "unknown"
+    ext = [f for f in ("sse4_2", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return {"model": model, "vector_extensions": ext, "logical_cpus": os.cpu_count()}
+
+
+def median_seconds(fn, runs, warmup=2):
+    import numpy as np
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def references():
+    """Which reference engines are importable -> {name: module or None}."""
+    found = {}
+    for name in ("torch", "transformers", "onnxruntime", "onnxscript"):
+        try:
+            found[name] = __import__(name)
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def gemm_rows(runs):
+    """Numba `linear` vs numpy BLAS (x @ w.T + b) on every matmul shape of the three experts."""
+    import numpy as np
+
+    from minislm.kernels import linear
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for K, N in ((384, 1152), (384, 384), (384, 1536), (1536, 384),
+                 (768, 2304), (768, 768), (768, 3072), (3072, 768)):
+        M = 32 * 128
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        w = rng.standard_normal((N, K), dtype=np.float32)
+        b = rng.standard_normal(N, dtype=np.float32)
+        out = np.empty((M, N), dtype=np.float32)
+        t_numba = median_seconds(lambda: linear(x, w, b, out=out), runs)
+        t_blas = median_seconds(lambda: np.add(x @ w.T, b, out=out), runs)
+        gf = 2 * M * K * N / 1e9
+        rows.append({"M": M, "K": K, "N": N, "numba_gflops": gf / t_numba, "blas_gflops": gf / t_blas,
+                     "ratio": t_blas / t_numba})
+    return rows
+
+
+def attention_rows(runs, torch):
+    import numpy as np
+
+    from minislm.kernels import attention
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for B, T, N, D in ((32, 128, 12, 32), (32, 128, 12, 64)):
+        H = N * D
+        qkv = rng.standard_normal((B, T, 3 * H), dtype=np.float32)
+        mask = np.zeros((B, T), dtype=np.float32)
+        mask[::2, T // 2:] = np.finfo(np.float32).min  # half the rows half padding
+        out = np.empty((B, T, H), dtype=np.float32)
+        row = {"B": B, "T": T, "heads": N, "head_dim": D,
+               "minislm_ms": 1000 * median_seconds(lambda: attention(qkv, mask, N, out=out), runs)}
+        if torch is not None:
+            q, k, v = (torch.from_numpy(qkv[:, :, i * H:(i + 1) * H]).reshape(B, T, N, D).transpose(1, 2)
+                       for i in range(3))
+            m = torch.from_numpy(mask == 0)[:, None, None, :]  # boolean: True = attend
+            with torch.no_grad():
+                row["torch_sdpa_ms"] = 1000 * median_seconds(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m), runs)
+            row["ratio"] = row["torch_sdpa_ms"] / row["minislm_ms"]
+        rows.append(row)
+    return rows
+
+
+class TorchEncoder:
+    """The transformers model as the reference: last hidden state of (ids, mask)."""
+
+    def __init__(self, folder, torch):
+        from transformers import AutoModel
+
+        self.torch = torch
+        self.model = AutoModel.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+
+    def wrapper(self):
+        torch, model = self.torch, self.model
+
+        class LastHidden(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = model
+
+            def forward(self, ids, mask):
+                return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+        return LastHidden()
+
+    def __call__(self, ids, mask):
+        with self.torch.no_grad():
+            return self.model(input_ids=self.torch.from_numpy(ids),
+                              attention_mask=self.torch.from_numpy(mask.astype("int64"))).last_hidden_state
+
+
+def onnx_session(enc, folder_sha, name, B, T, threads, ort):
+    """Export the transformers model for a fixed [B, T] (torch.onnx, dynamo exporter), cached, and open it."""
+    import numpy as np
+
+    path = REPO / "cache" / "onnx" / f"{name}-{folder_sha[:12]}-b{B}-t{T}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids = enc.torch.from_numpy(np.full((B, T), 1000, dtype=np.int64))
+        prog = enc.torch.onnx.export(enc.wrapper(), (ids, enc.torch.ones_like(ids)),
+                                     input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                                     dynamo=True, verbose=False)
+        tmp = path.with_suffix(".tmp.onnx")
+        prog.save(str(tmp))
+        os.replace(tmp, path)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def encoder_rows(names, runs, refs, threads, log):
+    import numpy as np
+
+    from minislm.experts import load_expert
+
+    torch, ort = refs["torch"], refs["onnxruntime"]
+    can_torch = torch is not None and refs["transformers"] is not None
+    can_ort = can_torch and ort is not None and refs["onnxscript"] is not None
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in names:
+        expert = load_expert(name)
+        row = {"expert": name}
+        ref = TorchEncoder(expert.folder, torch) if can_torch else None
+        for label, (B, T) in SHAPES.items():
+            ids = rng.integers(1000, 20000, size=(B, T))
+            mask = np.ones((B, T), dtype=bool)
+            row[f"minislm_{label}_s"] = median_seconds(lambda: expert.encoder.forward(ids, mask), runs)
+            ours = expert.encoder.forward(ids, mask)[-1]
+            if ref is not None:
+                row[f"torch_{label}_s"] = median_seconds(lambda: ref(ids, mask), runs)
+                row[f"max_abs_diff_vs_torch_{label}"] = float(np.abs(ref(ids, mask).numpy() - ours).max())
+            if can_ort:
+                log(f"  {name}: ONNX Runtime session for B{B} x T{T}")
+                sess = onnx_session(ref, expert.weights_sha256, name, B, T, threads, ort)
+                feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+                row[f"onnxruntime_{label}_s"] = median_seconds(lambda: sess.run(None, feed), runs)
+                row[f"max_abs_diff_vs_onnxruntime_{label}"] = float(np.abs(sess.run(None, feed)[0] - ours).max())
+        row["minislm_seq_per_s"] = 32 / row["minislm_b32_t128_s"]
+        for eng in ("torch", "onnxruntime"):
+            if f"{eng}_b32_t128_s" in row:
+                row[f"{eng}_seq_per_s"] = 32 / row[f"{eng}_b32_t128_s"]
+                row[f"vs_{eng}"] = row["minislm_seq_per_s"] / row[f"{eng}_seq_per_s"]
+                row[f"latency_vs_{eng}"] = row[f"{eng}_b1_t32_s"] / row["minislm_b1_t32_s"]
+        log(f"  {name}: minislm {row['minislm_seq_per_s']:.1f} seq/s"
+            + "".join(f", {e} {row[e + '_seq_per_s']:.1f}" for e in ("torch", "onnxruntime") if e + "_seq_per_s" in row))
+        rows.append(row)
+    return rows
+
+
+MEMORY_SNIPPET = r"""
+import sys, numpy as np
+engine, name = sys.argv[1], sys.argv[2]
+def status(key):  # kB -> MB, from /proc/self/status (VmRSS: now, VmHWM: peak since the last reset)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1e3
+ids = np.random.default_rng(0).integers(1000, 20000, size=(32, 128)); mask = np.ones((32, 128), dtype=bool)
+if engine == "minislm":
+    from minislm.experts import load_expert
+    expert = load_expert(name)
+    expert.encoder.forward(ids[:2, :8], mask[:2, :8])  # compile / load the kernels first
+    run = lambda: expert.encoder.forward(ids, mask)
+else:
+    import torch
+    from transformers import AutoModel
+    from minislm.weights import expert_dir
+    torch.set_num_threads(int(sys.argv[3]))
+    model = AutoModel.from_pretrained(expert_dir(name), attn_implementation="eager", dtype=torch.float32).eval()
+    def run():
+        with torch.no_grad():
+            return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids[:2, :8]), attention_mask=torch.from_numpy(mask[:2, :8].astype(np.int64)))
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak-RSS counter: what follows is the forward pass alone
+out = run()
+print(f"{before:.1f} {status('VmHWM'):.1f}")
+"""
+
+
+def memory_rows(names, refs, threads):
+    """Peak RSS (MB) during one B32 x T128 forward, in a fresh process per engine (weights loaded and the
+    engine warmed up first), and its rise over the RSS just before the forward."""
+    rows = []
+    engines = ["minislm"] + (["transformers"] if refs["torch"] is not None and refs["transformers"] is not None else [])
+    for name in names:
+        row = {"expert": name}
+        for eng in engines:
+            out = subprocess.run([sys.executable, "-c", MEMORY_SNIPPET, eng, name, str(threads)],
+                                 capture_output=True, text=True, env=dict(os.environ))
+            if out.returncode != 0:
+                row[f"{eng}_error"] = out.stderr.strip().splitlines()[-1:]
+                continue
+            before, peak = map(float, out.stdout.split()[-2:])
+            row[f"{eng}_peak_rss_mb"], row[f"{eng}_forward_rise_mb"] = peak, peak - before
+        rows.append(row)
+    return rows
+
+
+def workload_rows(names, n_rows, refs, log):
+    """docs/s of pooled features (every layer, mean + CLS) over AG News test texts, real lengths, max_len 128."""
+    import numpy as np
+
+    from minislm import data, features
+    from minislm.experts import load_expert
+
+    texts = data.load("ag_news", "test").texts[:n_rows]
+    rows = []
+    for name in names:
+        expert = load_expert(name)
+        features.pooled_features(expert, texts[:64])
+        t = time.perf_counter()
+        features.pooled_features(expert, texts)
+        row = {"expert": name, "rows": len(texts), "minislm_docs_per_s": len(texts) / (time.perf_counter() - t)}
+        if refs["torch"] is not None and refs["transformers"] is not None:
+            torch = refs["torch"]
+            ref = TorchEncoder(expert.folder, torch)
+            rows_ids = expert.tokenizer.encode(texts, 128)
+
+            def run_torch(sub):
+                order = np.argsort([-len(r) for r in sub], kind="stable")
+                for s in range(0, len(order), 32):
+                    ids, mask = expert.tokenizer.pad([sub[i] for i in order[s:s + 32]])
+                    with torch.no_grad():
+                        hs = ref.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(
+                            mask.astype(np.int64)), output_hidden_states=True).hidden_states
+                        m = torch.from_numpy(mask)[None, :, :, None].float()
+                        h = torch.stack(hs)
+                        torch.cat([(h * m).sum(2) / m.sum(2), h[:, :, 0]], dim=-1)
+            run_torch(rows_ids[:64])
+            t = time.perf_counter()
+            run_torch(rows_ids)
+            row["torch_docs_per_s"] = len(texts) / (time.perf_counter() - t)
+            row["vs_torch"] = row["minislm_docs_per_s"] / row["torch_docs_per_s"]
+        log(f"  workload {name}: {row}")
+        rows.append(row)
+    return rows
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(r):
+    cpu = r["cpu"]
+    lines = [f"CPU: {cpu['model']} ({', '.join(cpu['vector_extensions'])}); threads: {r['threads']}; "
+             f"{'BLAS variables removed: ' + ', '.join(r['blas_env_removed']) if r['blas_env_removed'] else ''}",
+             f"Command: `{r['command']}`", "",
+             "| expert | minislm seq/s B32xT128 | transformers eager | ONNX Runtime | vs eager | vs ORT "
+             "| minislm ms B1xT32 | eager ms | ORT ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in r["encoders"]:
+        g = e.get
+        lines.append(f"| {e['expert']} | {e['minislm_seq_per_s']:.1f} | {fmt(g('torch_seq_per_s'), '.1f')} "
+                     f"| {fmt(g('onnxruntime_seq_per_s'), '.1f')} | {fmt(g('vs_torch'), '.2f')}x "
+                     f"| {fmt(g('vs_onnxruntime'), '.2f')}x | {1000 * e['minislm_b1_t32_s']:.1f} "
+                     f"| {fmt(g('torch_b1_t32_s') and 1000 * g('torch_b1_t32_s'), '.1f')} "
+                     f"| {fmt(g('onnxruntime_b1_t32_s') and 1000 * g('onnxruntime_b1_t32_s'), '.1f')} |")
+    lines += ["", "| M x K -> N | Numba GFLOP/s | numpy BLAS GFLOP/s | ratio |", "|---|---|---|---|"]
+    for g in r["gemm"]:
+        lines.append(f"| {g['M']} x {g['K']} -> {g['N']} | {g['numba_gflops']:.0f} | {g['blas_gflops']:.0f} "
+                     f"| {g['ratio']:.2f} |")
+    lines += ["", "| attention B x T, heads x dim | minislm ms | torch sdpa ms | ratio |", "|---|---|---|---|"]
+    for a in r["attention"]:
+        lines.append(f"| {a['B']} x {a['T']}, {a['heads']} x {a['head_dim']} | {a['minislm_ms']:.1f} "
+                     f"| {fmt(a.get('torch_sdpa_ms'), '.1f')} | {fmt(a.get('ratio'), '.2f')} |")
+    lines += ["", "| expert | minislm peak RSS MB (forward rise) | transformers peak RSS MB (forward rise) |",
+              "|---|---|---|"]
+    for m in r["memory"]:
+        lines.append(f"| {m['expert']} | {fmt(m.get('minislm_peak_rss_mb'), '.0f')} "
+                     f"({fmt(m.get('minislm_forward_rise_mb'), '.0f')}) | {fmt(m.get('transformers_peak_rss_mb'), '.0f')} "
+                     f"({fmt(m.get('transformers_forward_rise_mb'), '.0f')}) |")
+    if r.get("workload"):
+        lines += ["", "| expert | AG News test rows | minislm docs/s | transformers docs/s | ratio |", "|---|---|---|---|---|"]
+        for w in r["workload"]:
+            lines.append(f"| {w['expert']} | {w['rows']} | {w['minislm_docs_per_s']:.1f} "
+                         f"| {fmt(w.get('torch_docs_per_s'), '.1f')} | {fmt(w.get('vs_torch'), '.2f')} |")
+    lines += ["", f"l6_vs_torch = {fmt(r['l6_vs_torch'], '.2f')}, l6_vs_onnxruntime = {fmt(r['l6_vs_onnxruntime'], '.2f')}, "
+              f"gemm_vs_blas = {r['gemm_vs_blas']:.2f}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(v in os.environ for v in BLAS_VARS) and "--keep-blas-env" not in argv:
+        env = {k: v for k, v in os.environ.items() if k not in BLAS_VARS}
+        env["MINISLM_BENCH_REMOVED"] = ",".join(f"{k}={os.environ[k]}" for k in BLAS_VARS if k in os.environ)
+        os.execve(sys.executable, [sys.executable, "-m", "minislm.bench", *argv], env)  # numpy not imported yet
+    from minislm import weights
+
+    ap = argparse.ArgumentParser(prog="python -m minislm.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", nargs="+", default=list(weights.EXPERTS))
+    ap.add_argument("--runs", type=int, default=7, help="timed runs per measurement (the median is kept)")
+    ap.add_argument("--out", help="write JSON here and a Markdown table beside it (.md)")
+    ap.add_argument("--workload", action="store_true", help="also time feature extraction on AG News test texts")
+    ap.add_argument("--workload-rows", type=int, default=7600, help="AG News test rows for --workload")
+    ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_* variables of the environment")
+    args = ap.parse_args(argv)
+
+    import numba
+    import numpy as np
+
+    from minislm.atomic import write_json, write_text
+
+    threads = numba.get_num_threads()
+    refs = references()
+    missing = [k for k, v in refs.items() if v is None]
+    if missing:
+        print(f"references missing: {', '.join(missing)} (pip install -e '.[bench]'); their columns are '-'",
+              file=sys.stderr)
+    if refs["torch"] is not None:
+        refs["torch"].set_num_threads(threads)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    removed = [v for v in os.environ.get("MINISLM_BENCH_REMOVED", "").split(",") if v]
+    result = {"command": "python -m minislm.bench " + " ".join(argv), "cpu": cpu_info(), "threads": threads,
+              "blas_env_removed": removed, "references_missing": missing,
+              "versions": {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+                           **{k: getattr(v, "__version__", "?") for k, v in refs.items() if v is not None}}}
+    log("GEMM")
+    result["gemm"] = gemm_rows(args.runs)
+    log("attention")
+    result["attention"] = attention_rows(args.runs, refs["torch"])
+    log("encoders")
+    result["encoders"] = encoder_rows(args.experts, args.runs, refs, threads, log)
+    log("memory (fresh processes)")
+    result["memory"] = memory_rows(args.experts, refs, threads)
+    if args.workload:
+        log("workload")
+        result["workload"] = workload_rows(args.experts, args.workload_rows, refs, log)
+    l6 = next((r for r in result["encoders"] if r["expert"] == "all-MiniLM-L6-v2"), {})
+    result["l6_vs_torch"] = l6.get("vs_torch")
+    result["l6_vs_onnxruntime"] = l6.get("vs_onnxruntime")
+    result["gemm_vs_blas"] = float(np.median([g["ratio"] for g in result["gemm"]]))
+    table = markdown(result)
+    print(table)
+    if args.out:
+        write_json(args.out, result)
+        write_text(os.path.splitext(args.out)[0] + ".md", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
