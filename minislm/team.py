@@ -389,6 +389,25 @@ class Team:
         return [self.cfg.label_names[i] for i in probs.argmax(axis=1)]
 
     @classmethod
+    def train(cls, texts, labels, label_names=None, log=print, **config):
+        """Train a team from lists: texts [B] and labels [B] (ints, or strings mapped in sorted order unless
+        label_names gives the order). config: TeamConfig fields (experts, fusion, train={...}, ...)."""
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
+        if labels and isinstance(labels[0], str):
+            label_names = list(label_names or sorted(set(labels)))
+            index = {n: i for i, n in enumerate(label_names)}
+            unknown = [x for x in labels if x not in index]
+            if unknown:
+                raise ValueError(f"label {unknown[0]!r} is not one of {label_names}")
+            labels = [index[x] for x in labels]
+        label_names = list(label_names or [str(i) for i in range(max(labels) + 1)])
+        y = data_lib.check_labels(labels, label_names, "labels")
+        ds = data_lib.TextDataset(list(texts), y, label_names, config.get("dataset", "user"), "train", "memory",
+                                  {"note": "texts and labels given in memory"})
+        return cls(TeamConfig(**{"dataset": "user", **config, "label_names": label_names})).fit(ds, log=log)
+
+    @classmethod
     def load(cls, folder, **kw):
         from minislm import checkpoint
         return checkpoint.load(folder, **kw)

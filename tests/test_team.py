@@ -170,3 +170,18 @@ def test_cli_file_with_empty_and_huge_lines_answers_the_valid_ones(team, tmp_pat
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 4 and "error" in rows[1] and "label" in rows[0] and "label" in rows[3]
     assert "cut to its first" in rows[2]["note"]
+
+
+def test_train_from_lists(tmp_path, monkeypatch, team):
+    _, root = team
+    monkeypatch.setenv("MINISLM_CACHE_DIR", str(tmp_path / "cache"))
+    ds = toy(60, 4)
+    names = ["red", "green", "blue"]
+    small = dict(experts=[LEXICAL, str(root / "bert")], proj_dim=8, head_hidden=8, folds=2, router_top_k=0,
+                 lexical={"dim": 4, "n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32})
+    t = Team.train(ds.texts, [names[i] for i in ds.labels], label_names=names, log=lambda s: None, **small)
+    assert t.cfg.label_names == names and len(t.predict(ds.texts[:3])) == 3
+    with pytest.raises(ValueError, match="label 'purple' is not one of"):
+        Team.train(["a", "b"], ["red", "purple"], label_names=names, **small)
+    with pytest.raises(ValueError, match="2 texts but 1 labels"):
+        Team.train(["a", "b"], ["red"], **small)
