@@ -115,7 +115,6 @@ def run(dataset, out, data_dir=None, quick=False, save_model=None, log=print):
 
     log("cascade")
     tier_probs = team.tier_probs(feats_test, p_lex_test)
-    full_name = f"{cfg.fusion}/{'+'.join(short(e) for e in cfg.experts)}"
     val_flops = team.tier_flops(F["texts_val"])
     val_points = cascade.curve(team.tier_probs(F["val"], F["p_val"]), F["y_val"], val_flops)
     val_all_three = float(np.mean(sum(val_flops[k] - val_flops[k - 1] for k in range(1, len(cfg.experts)))))

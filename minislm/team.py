@@ -13,7 +13,7 @@ The lexical expert joins the fusion through its class log-probabilities, compute
 the fusion trains on (k lexical models, each blind to its fold): a bag trained on the same rows would look
 far more reliable in training than on new text. `lexical_features="bag"` uses the in-sample bag instead.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -233,8 +233,6 @@ class Team:
 
     def router_flops(self, chosen, texts):
         """FLOPs per row [B] of gated mode: the lexical expert, the encoders the router chose, the head."""
-        from minislm import flops
-
         offsets, _ = self.lexical.bags(texts)
         cost = self.lexical.flops(offsets).astype(np.float64) + head_flops(self.router[0])
         lengths = None
@@ -244,9 +242,7 @@ class Team:
             e = self.expert(name)
             if lengths is None:
                 lengths = np.array([len(r) for r in e.tokenizer.encode(texts, self.cfg.max_len)])
-            c = e.config
-            per = flops.encoder_per_sample(c, lengths) + (c.n_layers + 1) * ((lengths + 1) * c.hidden + 4 * c.hidden)
-            cost += np.where(chosen[:, i], per, 0.0)
+            cost += np.where(chosen[:, i], encoder_row_flops(e.config, lengths), 0.0)
         return cost
 
     def predict_gated(self, texts):
@@ -286,8 +282,6 @@ class Team:
         Reaching tier k means running the lexical expert, the encoders of tiers 1..k on the row's real tokens
         (pooling and standardising every layer), and the head of every tier on the way (each one decides
         whether to stop)."""
-        from minislm import flops
-
         offsets, _ = self.lexical.bags(texts)
         cost = self.lexical.flops(offsets).astype(np.float64)
         out = [cost.copy()]
@@ -296,9 +290,7 @@ class Team:
             c = self.expert(name).config
             if lengths is None:
                 lengths = np.array([len(r) for r in self.expert(name).tokenizer.encode(texts, self.cfg.max_len)])
-            cost = cost + flops.encoder_per_sample(c, lengths)
-            cost = cost + (c.n_layers + 1) * ((lengths + 1) * c.hidden + 2 * 2 * c.hidden)  # pool + standardise
-            cost = cost + head_flops(self.tiers[k][0])
+            cost = cost + encoder_row_flops(c, lengths) + head_flops(self.tiers[k][0])
             out.append(cost.copy())
         return out
 
@@ -338,9 +330,7 @@ class Team:
                 e = self.expert(name)
                 if lengths is None:
                     lengths = np.array([len(r) for r in e.tokenizer.encode(texts, cfg.max_len)])
-                step = (flops.encoder_per_sample(e.config, lengths[open_rows])
-                        + (e.config.n_layers + 1) * ((lengths[open_rows] + 1) * e.config.hidden + 4 * e.config.hidden)
-                        + head_flops(self.tiers[k][0]))
+                step = encoder_row_flops(e.config, lengths[open_rows]) + head_flops(self.tiers[k][0])
                 if max_flops is not None:  # rows that cannot afford this tier answer with the last one
                     over = ledger.per_row[open_rows] + step > max_flops
                     for r in open_rows[over]:
@@ -415,6 +405,15 @@ class Team:
     def save(self, folder, command=None):
         from minislm import checkpoint
         return checkpoint.save(self, folder, command)
+
+
+def encoder_row_flops(config, lengths):
+    """FLOPs per row [B] of one encoder on each row's real tokens, plus pooling (mean + CLS) and
+    standardising every layer."""
+    from minislm import flops
+
+    pool = (config.n_layers + 1) * ((lengths + 1) * config.hidden + 2 * 2 * config.hidden)
+    return flops.encoder_per_sample(config, lengths) + pool
 
 
 def head_flops(c):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minislm.collab import ensembles, fusion, gate, heads, layermix, linear, losses, optim
+from minislm.collab import ensembles, fusion, gate, heads, layermix, losses, optim
 from tests.gradcheck import numeric_grad
 from tests.tolerances import FD_ATOL, FD_RTOL, GRAD_ATOL, GRAD_RTOL
 

@@ -1,5 +1,4 @@
 """FLOP formulas: matmul counts equal torch's FlopCounterMode on the transformers model, exactly."""
-import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode

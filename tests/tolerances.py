@@ -15,4 +15,5 @@ GRAD_RTOL = 1e-6
 FD_EPS = 1e-6
 FD_ATOL = 1e-6
 FD_RTOL = 1e-4
-CONVERT_ATOL = 1e-5     # converted ONNX weights under transformers vs onnxruntime on the original file
+# Converted ONNX weights run by transformers vs onnxruntime on the original file.
+CONVERT_ATOL = 1e-5
