@@ -251,6 +251,14 @@ def markdown(result):
         elif r["kind"] == "cascade":
             lines.append(f"- {r['name']}: {100 * r['accuracy']:.2f}% at {100 * r['flops_vs_all_three']:.1f}% of the "
                          f"FLOPs of running all three encoders; exits {', '.join(f'{100 * s:.1f}%' for s in r['exit_share'])}")
+    lines += ["", "The cascade's accuracy-vs-FLOPs curve on the test rows: every threshold setting of the grid that no "
+              "other setting beats on both (a display of the trade-off; the rows above were chosen on validation):", "",
+              "| thresholds (tiers 0..2) | accuracy | GFLOPs / sample | % of all three encoders | exits per tier |",
+              "|---|---|---|---|---|"]
+    for pt in result["cascade_curve_test"]:
+        lines.append(f"| {', '.join(f'{t:.3g}' for t in pt['thresholds'])} | {100 * pt['accuracy']:.2f} "
+                     f"| {pt['gflops']:.3f} | {100 * pt['flops_vs_all_three']:.1f} "
+                     f"| {' / '.join(f'{100 * x:.0f}%' for x in pt['exit_share'])} |")
     return "\n".join(lines) + "\n"
 
 
