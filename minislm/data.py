@@ -135,6 +135,8 @@ def load_file(path, text_column="text", label_column="label", label_names=None):
     try:
         ds = readers[path.suffix.lower()](str(path))
     except Exception as e:
+        if "no data" in str(e) or path.stat().st_size == 0:  # datasets' words for a file without rows
+            raise DataError(f"{path}: the dataset is empty; it needs at least one labelled row") from e
         raise DataError(f"{path} could not be read as {path.suffix[1:]} ({type(e).__name__}: {e})") from e
     for col, what in ((text_column, "text"), (label_column, "label")):
         if col not in ds.column_names:

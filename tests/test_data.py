@@ -66,10 +66,10 @@ def test_bad_input(tmp_path):
     datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["pos", "meh"]}).to_csv(str(path))
     with pytest.raises(data.DataError, match="label 'meh' is not one of the known labels \\(neg, pos\\)"):
         data.load_file(path, label_names=["neg", "pos"])
-    empty = tmp_path / "e.jsonl"
-    empty.write_text("")
-    with pytest.raises(data.DataError, match="empty|could not be read"):
-        data.load_file(empty)
+    header_only = tmp_path / "e.csv"
+    header_only.write_text("text,label\n")
+    with pytest.raises(data.DataError, match="the dataset is empty; it needs at least one labelled row"):
+        data.load_file(header_only)
     with pytest.raises(data.DataError, match="unknown file type '.txt'"):
         (tmp_path / "a.txt").write_text("x")
         data.load_file(tmp_path / "a.txt")
