@@ -89,6 +89,7 @@ def save(team, folder, command=None):
         "protocol": team.protocol, "metrics": team.metrics,
     }
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder; a checkpoint is meant to be shared
     try:
         save_safetensors(tmp / "team.safetensors", arrays)
         team.lexical.save(tmp)

@@ -32,8 +32,12 @@ def padded_ids(pad_id, lengths, vocab=120, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("lengths", [[1], [7], [5, 17, 2, 17], [64, 3], [70]])  # 70 = the tiny MPNet's limit (72 positions - pad - 1)
-def test_every_layer_matches_transformers(tiny, lengths):
+@pytest.mark.parametrize("lengths", [[1], [7], [5, 17, 2, 17], [64, 3], [70]])  # 70: tiny MPNet's limit
+@pytest.mark.parametrize("backend", ["numba", "blas"])
+def test_every_layer_matches_transformers(tiny, lengths, backend, monkeypatch):
+    from minislm.kernels import matmul
+
+    monkeypatch.setattr(matmul, "BACKEND", backend)
     family, path, model = tiny
     hf = load_folder(path)
     enc = Encoder.from_params(hf.config, hf.params)

@@ -55,11 +55,21 @@ def check_linear(x, w, b, act, got, label):
 @pytest.mark.parametrize("M,K,N", LINEAR_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("act", [False, True])
-def test_linear_matches_reference_and_torch(M, K, N, bias, act):
+@pytest.mark.parametrize("backend", ["numba", "blas"])
+def test_linear_matches_reference_and_torch(M, K, N, bias, act, backend):
     rng = np.random.default_rng(M * 1000 + K + N)
     x, w = rand(rng, M, K), rand(rng, N, K, scale=K ** -0.5)
     b = rand(rng, N) if bias else None
-    check_linear(x, w, b, act, linear(x, w, b, gelu=act), f"linear {M}x{K}x{N}")
+    check_linear(x, w, b, act, linear(x, w, b, gelu=act, backend=backend), f"linear {M}x{K}x{N} {backend}")
+
+
+def test_linear_backend_choice():
+    from minislm.kernels.matmul import BLAS_MIN_ROWS, resolve_backend
+
+    assert resolve_backend(BLAS_MIN_ROWS, "auto") == "blas" and resolve_backend(BLAS_MIN_ROWS - 1, "auto") == "numba"
+    assert resolve_backend(10_000, "numba") == "numba"
+    with pytest.raises(ValueError, match="matmul backend 'gpu' is unknown; use one of numba, blas, auto"):
+        resolve_backend(4, "gpu")
 
 
 def test_linear_large_magnitudes():

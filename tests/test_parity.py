@@ -30,7 +30,11 @@ def pair(request, prepared_experts):
 
 
 @pytest.mark.experts
-def test_every_layer_matches_transformers(pair):
+@pytest.mark.parametrize("backend", ["numba", "blas"])
+def test_every_layer_matches_transformers(pair, backend, monkeypatch):
+    from minislm.kernels import matmul
+
+    monkeypatch.setattr(matmul, "BACKEND", backend)  # both matmul paths of the encoder
     name, expert, model = pair
     ids, mask = expert.tokenizer.encode_batch(SENTENCES, max_len=128)
     assert mask.sum(axis=1).min() <= 4 and ids.shape[1] == 128  # heavy padding, and one row truncated

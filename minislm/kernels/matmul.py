@@ -8,7 +8,14 @@ products. With `fastmath` LLVM vectorises that k loop (each accumulator becomes 
 MB x NB blocks (one parallel task each) whose x and w rows stay in L2 while the block is computed; K is
 cut into chunks of KC so the MR+NR rows of a tile stay in L1. Bias and GELU are applied to each block
 right after its last K chunk, while it is still in cache.
+
+Backends: "numba" is this kernel. "blas" hands the product to numpy's BLAS (np.matmul) and applies bias and
+GELU in a Numba epilogue; "auto" (the default) uses BLAS for large products (M >= BLAS_MIN_ROWS), where a
+tuned BLAS is still ahead of the kernel above, and the kernel for small ones (batch-1 latency), where it wins.
+MINISLM_MATMUL=numba|blas|auto chooses; both paths are tested against the same references.
 """
+import os
+
 import numpy as np
 from numba import njit, prange
 
@@ -22,6 +29,20 @@ NB = 64   # output columns per parallel block
 KC = 768  # contraction chunk: a tile's MR+NR rows of KC floats stay in L1
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
+BACKENDS = ("numba", "blas", "auto")
+BACKEND = os.environ.get("MINISLM_MATMUL", "auto")
+BLAS_MIN_ROWS = 256  # "auto": rows of x from which numpy's BLAS is used
+
+
+def resolve_backend(M, backend=None):
+    """The backend a [M, K] x [K, N] product runs on."""
+    choice = backend or BACKEND
+    if choice not in BACKENDS:
+        raise ValueError(f"matmul backend {choice!r} is unknown; use one of {', '.join(BACKENDS)} "
+                         f"(MINISLM_MATMUL)")
+    if choice == "auto":
+        return "blas" if M >= BLAS_MIN_ROWS else "numba"
+    return choice
 
 
 def linear_reference(x, w, b=None, gelu=False):
@@ -158,11 +179,24 @@ def _linear_kernel(x, w, b, gelu, out):
                     row[j] = gelu32(v) if gelu else v
 
 
-def linear(x, w, b=None, gelu=False, out=None):
+@njit(cache=True, fastmath=True, parallel=True)
+def _bias_gelu_kernel(out, b, gelu):
+    # out [M, N] += b [N] (when non-empty), then GELU in place: the epilogue of the BLAS backend
+    M, N = out.shape
+    for i in prange(M):
+        row = out[i]
+        for j in range(N):
+            v = row[j]
+            if b.shape[0] > 0:
+                v += b[j]
+            row[j] = gelu32(v) if gelu else v
+
+
+def linear(x, w, b=None, gelu=False, out=None, backend=None):
     """[M, K] x [N, K] (+ [N]) -> [M, N]: y = x @ w.T + b, then exact-erf GELU if `gelu`.
 
     All arrays float32 and C-contiguous; `out` [M, N] is written in place when given (it must not overlap
-    x or w).
+    x or w). backend: "numba", "blas" or "auto" (default: MINISLM_MATMUL, else "auto"; see the module doc).
     """
     check_array("linear", "x", x, ndim=2)
     check_array("linear", "w", w, ndim=2)
@@ -178,5 +212,10 @@ def linear(x, w, b=None, gelu=False, out=None):
     out = output_array("linear", out, (M, N))
     if np.may_share_memory(out, x) or np.may_share_memory(out, w):
         raise ValueError("linear: out overlaps x or w; pass a separate output array")
-    _linear_kernel(x, w, b, bool(gelu), out)
+    if resolve_backend(M, backend) == "blas" and K > 0:
+        np.matmul(x, w.T, out=out)
+        if b.shape[0] > 0 or gelu:
+            _bias_gelu_kernel(out, b, bool(gelu))
+    else:
+        _linear_kernel(x, w, b, bool(gelu), out)
     return out
