@@ -147,12 +147,19 @@ def main(argv=None):
     return 0
 
 
+def human_flops(f):
+    for unit, scale in (("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if f >= scale:
+            return f"{f / scale:.1f} {unit}"
+    return f"{f:.0f} FLOPs"
+
+
 def human(out, explain):
     if "error" in out:
         return f"-          (skipped: {out['error']})"
     conf = max(out["probabilities"].values())
     line = (f"{out['label']:<10} {conf:5.2f}  tier {out['exit_tier']} ({out['experts'][-1]}, "
-            f"{out['flops'] / 1e6:,.1f} MFLOPs)  {out['text'][:70]}")
+            f"{human_flops(out['flops'])})  {out['text'][:70]}")
     if explain:
         ex = out["explain"] or {}
         extra = [f"    why: {out['reason']}"]
