@@ -189,6 +189,7 @@ def encoder_rows(names, runs, refs, threads, log):
             ids = rng.integers(1000, 20000, size=(B, T))
             mask = np.ones((B, T), dtype=bool)
             # minislm first, then each reference, then minislm with BLAS dispatch, settling in between
+            settle()
             row[f"minislm_{label}_s"] = median_seconds(lambda: expert.encoder.forward(ids, mask), runs)
             ours = expert.encoder.forward(ids, mask)[-1]
             if ref is not None:
