@@ -13,6 +13,7 @@ Some machines set OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, which slow numpy's BLAS 
 them for its own process (and says so) so that numpy runs the BLAS a user gets by default.
 """
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -52,6 +53,24 @@ def median_seconds(fn, runs, warmup=2):
         fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def interleaved(engines, runs):
+    """Time each engine once per round, rounds repeated `runs` times, letting the cores settle before every
+    timing: every engine sees the same spells of a noisy machine. -> median seconds per engine."""
+    import numpy as np
+
+    for fn in engines.values():  # warm-up: compile, allocate, fill caches
+        fn()
+        fn()
+    times = {name: [] for name in engines}
+    for _ in range(runs):
+        for name, fn in engines.items():
+            settle(0.5)
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def references():
@@ -108,17 +127,18 @@ def attention_rows(runs, torch):
         mask = np.zeros((B, T), dtype=np.float32)
         mask[::2, T // 2:] = np.finfo(np.float32).min  # half the rows half padding
         out = np.empty((B, T, H), dtype=np.float32)
-        row = {"B": B, "T": T, "heads": N, "head_dim": D,
-               "minislm_ms": 1000 * median_seconds(lambda: attention(qkv, mask, N, out=out), runs)}
-        if torch is not None:
+        row = {"B": B, "T": T, "heads": N, "head_dim": D}
+        if torch is not None:  # torch first: its OpenMP pool must be up before Numba's parallel regions run
             q, k, v = (torch.from_numpy(qkv[:, :, i * H:(i + 1) * H]).reshape(B, T, N, D).transpose(1, 2)
                        .contiguous() for i in range(3))  # [B, N, T, D], the layout sdpa is made for
             m = torch.from_numpy(mask == 0)[:, None, None, :]  # boolean: True = attend
             with torch.no_grad():
                 row["torch_sdpa_ms"] = 1000 * median_seconds(
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m), runs)
-            row["ratio"] = row["torch_sdpa_ms"] / row["minislm_ms"]
             settle()
+        row["minislm_ms"] = 1000 * median_seconds(lambda: attention(qkv, mask, N, out=out), runs)
+        if torch is not None:
+            row["ratio"] = row["torch_sdpa_ms"] / row["minislm_ms"]
         rows.append(row)
     return rows
 
@@ -188,27 +208,28 @@ def encoder_rows(names, runs, refs, threads, log):
         for label, (B, T) in SHAPES.items():
             ids = rng.integers(1000, 20000, size=(B, T))
             mask = np.ones((B, T), dtype=bool)
-            # minislm first, then each reference, then minislm with BLAS dispatch, settling in between
-            settle()
-            row[f"minislm_{label}_s"] = median_seconds(lambda: expert.encoder.forward(ids, mask), runs)
+            engines = {"minislm": lambda: expert.encoder.forward(ids, mask)}
             ours = expert.encoder.forward(ids, mask)[-1]
             if ref is not None:
-                row[f"torch_{label}_s"] = median_seconds(lambda: ref(ids, mask), runs)
+                engines["torch"] = lambda: ref(ids, mask)
                 row[f"max_abs_diff_vs_torch_{label}"] = float(np.abs(ref(ids, mask).numpy() - ours).max())
-                settle()
             if can_ort:
                 log(f"  {name}: ONNX Runtime session for B{B} x T{T}")
                 sess = onnx_session(ref, expert.weights_sha256, name, B, T, threads, ort)
                 feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
-                row[f"onnxruntime_{label}_s"] = median_seconds(lambda: sess.run(None, feed), runs)
+                engines["onnxruntime"] = lambda: sess.run(None, feed)
                 row[f"max_abs_diff_vs_onnxruntime_{label}"] = float(np.abs(sess.run(None, feed)[0] - ours).max())
-                del sess
-                settle()
+
+            def blas_dispatch():
+                matmul.BACKEND = "auto"  # large products on numpy's BLAS, for comparison
+                try:
+                    expert.encoder.forward(ids, mask)
+                finally:
+                    matmul.BACKEND = default
             default = matmul.BACKEND
-            matmul.BACKEND = "auto"  # large products on numpy's BLAS, for comparison
-            row[f"minislm_blas_dispatch_{label}_s"] = median_seconds(lambda: expert.encoder.forward(ids, mask), runs)
-            matmul.BACKEND = default
-            settle()
+            engines["minislm_blas_dispatch"] = blas_dispatch
+            for eng, secs in interleaved(engines, runs).items():
+                row[f"{eng}_{label}_s"] = secs
         row["matmul_backend"] = matmul.BACKEND
         row["minislm_seq_per_s"] = 32 / row["minislm_b32_t128_s"]
         row["minislm_blas_dispatch_seq_per_s"] = 32 / row["minislm_blas_dispatch_b32_t128_s"]
@@ -315,6 +336,16 @@ def workload_rows(names, n_rows, refs, log):
     return rows
 
 
+def in_fresh_process(args):
+    """Run one bench section in a new Python process (same environment) -> its JSON result."""
+    run = subprocess.run([sys.executable, "-m", "minislm.bench", *args, "--keep-blas-env"], capture_output=True,
+                         text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"bench section {' '.join(args)} failed: {run.stderr.strip().splitlines()[-1:]}")
+    sys.stderr.write("".join(line + "\n" for line in run.stderr.splitlines() if line.startswith("  ")))
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -375,15 +406,19 @@ def main(argv=None):
     ap.add_argument("--workload", action="store_true", help="also time feature extraction on AG News test texts")
     ap.add_argument("--workload-rows", type=int, default=7600, help="AG News test rows for --workload")
     ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_* variables of the environment")
+    ap.add_argument("--encoder-row", help=argparse.SUPPRESS)  # internal: one expert's timings, as JSON
+    ap.add_argument("--section", choices=["gemm", "attention"], help=argparse.SUPPRESS)  # internal, as JSON
     args = ap.parse_args(argv)
 
+    # The references are imported before Numba starts its OpenMP threads: torch started second would run its
+    # own OpenMP pool beside Numba's, and both spin (measured: sdpa 3.3 s instead of 11 ms).
+    refs = references()
     import numba
     import numpy as np
 
     from minislm.atomic import write_json, write_text
 
     threads = numba.get_num_threads()
-    refs = references()
     missing = [k for k, v in refs.items() if v is None]
     if missing:
         print(f"references missing: {', '.join(missing)} (pip install -e '.[bench]'); their columns are '-'",
@@ -391,17 +426,28 @@ def main(argv=None):
     if refs["torch"] is not None:
         refs["torch"].set_num_threads(threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.encoder_row:
+        print(json.dumps(encoder_rows([args.encoder_row], args.runs, refs, threads, log)[0]))
+        return 0
+    if args.section:
+        rows = gemm_rows(args.runs) if args.section == "gemm" else attention_rows(args.runs, refs["torch"])
+        print(json.dumps(rows))
+        return 0
     removed = [v for v in os.environ.get("MINISLM_BENCH_REMOVED", "").split(",") if v]
     result = {"command": "python -m minislm.bench " + " ".join(argv), "cpu": cpu_info(), "threads": threads,
               "blas_env_removed": removed, "references_missing": missing,
               "versions": {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
                            **{k: getattr(v, "__version__", "?") for k, v in refs.items() if v is not None}}}
+    # Each section runs in a fresh process: one library's idle thread pool (OpenBLAS, torch's OpenMP,
+    # ONNX Runtime) left spinning in a process makes the next library's timings meaningless on two cores.
     log("GEMM")
-    result["gemm"] = gemm_rows(args.runs)
+    result["gemm"] = in_fresh_process(["--section", "gemm", "--runs", str(args.runs)])
     log("attention")
-    result["attention"] = attention_rows(args.runs, refs["torch"])
-    log("encoders")
-    result["encoders"] = encoder_rows(args.experts, args.runs, refs, threads, log)
+    result["attention"] = in_fresh_process(["--section", "attention", "--runs", str(args.runs)])
+    log("encoders (a fresh process per expert, so no engine's threads outlive its own measurements)")
+    result["encoders"] = []
+    for name in args.experts:
+        result["encoders"].append(in_fresh_process(["--encoder-row", name, "--runs", str(args.runs)]))
     log("memory (fresh processes)")
     result["memory"] = memory_rows(args.experts, refs, threads)
     if args.workload:
