@@ -80,20 +80,19 @@ def gather(args):
 
 
 def load_team(path):
+    """Checkpoint folder -> Team, fetching the pretrained encoders it needs on first use (they are never
+    committed; the lexical expert reads all-MiniLM-L6-v2's WordPiece vocabulary)."""
     from minislm import weights
-    from minislm.checkpoint import CheckpointError, load
+    from minislm.checkpoint import CheckpointError, load, read_meta
 
     try:
-        team = load(path)
-        for name in team.cfg.encoders:  # the encoders are fetched, never committed: fetch them on first use
-            try:
-                weights.expert_dir(name)
-            except weights.MissingExpertError:
+        meta = read_meta(path)
+        needed = [e for e in meta["config"]["experts"] if e in weights.EXPERTS] + ["all-MiniLM-L6-v2"]
+        for name in dict.fromkeys(needed):
+            if not weights.is_prepared(weights.weights_dir() / name):
                 print(f"fetching {name} (first use) ...", file=sys.stderr)
                 weights.fetch([name], progress=lambda s: print(s, file=sys.stderr))
-            except ValueError:
-                pass  # a model folder, not a registry name: loaded by path
-        return team
+        return load(path)
     except CheckpointError as e:
         raise InputError(str(e)) from e
 
