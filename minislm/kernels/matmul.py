@@ -9,10 +9,12 @@ MB x NB blocks (one parallel task each) whose x and w rows stay in L2 while the 
 cut into chunks of KC so the MR+NR rows of a tile stay in L1. Bias and GELU are applied to each block
 right after its last K chunk, while it is still in cache.
 
-Backends: "numba" is this kernel. "blas" hands the product to numpy's BLAS (np.matmul) and applies bias and
-GELU in a Numba epilogue; "auto" (the default) uses BLAS for large products (M >= BLAS_MIN_ROWS), where a
-tuned BLAS is still ahead of the kernel above, and the kernel for small ones (batch-1 latency), where it wins.
-MINISLM_MATMUL=numba|blas|auto chooses; both paths are tested against the same references.
+Backends: "numba" (the default) is this kernel. "blas" hands the product to numpy's BLAS (np.matmul) and
+applies bias and GELU in a Numba epilogue; "auto" uses BLAS for large products (M >= BLAS_MIN_ROWS) and the
+kernel for small ones. A tuned BLAS alone beats the kernel on large products, but inside the encoder the
+BLAS's own thread pool and Numba's fight over the cores (measured by `python -m minislm.bench`), so the
+default stays on the kernel. MINISLM_MATMUL=numba|blas|auto chooses; every path is tested against the same
+references.
 """
 import os
 
@@ -30,7 +32,7 @@ KC = 768  # contraction chunk: a tile's MR+NR rows of KC floats stay in L1
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
 BACKENDS = ("numba", "blas", "auto")
-BACKEND = os.environ.get("MINISLM_MATMUL", "auto")
+BACKEND = os.environ.get("MINISLM_MATMUL", "numba")
 BLAS_MIN_ROWS = 256  # "auto": rows of x from which numpy's BLAS is used
 
 
@@ -196,7 +198,7 @@ def linear(x, w, b=None, gelu=False, out=None, backend=None):
     """[M, K] x [N, K] (+ [N]) -> [M, N]: y = x @ w.T + b, then exact-erf GELU if `gelu`.
 
     All arrays float32 and C-contiguous; `out` [M, N] is written in place when given (it must not overlap
-    x or w). backend: "numba", "blas" or "auto" (default: MINISLM_MATMUL, else "auto"; see the module doc).
+    x or w). backend: "numba", "blas" or "auto" (default: MINISLM_MATMUL, else "numba"; see the module doc).
     """
     check_array("linear", "x", x, ndim=2)
     check_array("linear", "w", w, ndim=2)
