@@ -199,13 +199,18 @@ class Team:
             head_hidden=cfg.head_hidden, dropout=cfg.dropout, gate=cfg.gate, top_k=min(cfg.top_k, len(experts)),
             balance=cfg.balance)
 
+    def init_from_singles(self, c):
+        """Fresh parameters for collaboration c, each expert's layer mix copied from its stage-1 model."""
+        params = collab.init(c, np.random.default_rng(self.cfg.seed))
+        for e in c.experts:
+            if e in self.singles:
+                params["mix"][e] = {k: v.copy() for k, v in self.singles[e][1]["mix"][e].items()}
+        return params
+
     def train_fusion(self, experts, feats_fit, y_fit, feats_val, y_val, tc, teacher=None, fusion=None, log=None):
         """A collaboration over `experts`, layer mixes started from the stage-1 singles."""
         c = self.collab_config(experts, feats_fit, fusion=fusion)
-        params = collab.init(c, np.random.default_rng(self.cfg.seed))
-        for e in experts:
-            if e in self.singles:
-                params["mix"][e] = {k: v.copy() for k, v in self.singles[e][1]["mix"][e].items()}
+        params = self.init_from_singles(c)
         sub = lambda f: {e: f[e] for e in experts}  # noqa: E731
         params, info = trainer.fit(c, sub(feats_fit), y_fit, sub(feats_val), y_val, tc, params=params,
                                    teacher=teacher)
@@ -221,10 +226,7 @@ class Team:
 
         c = dataclasses.replace(self.collab_config(self.cfg.experts, feats_fit, fusion="gated"), gate="noisy_topk",
                                 top_k=self.cfg.router_top_k, gate_input=LEXICAL, balance=max(self.cfg.balance, 0.01))
-        params = collab.init(c, np.random.default_rng(self.cfg.seed))
-        for e in self.cfg.experts:
-            if e in self.singles:
-                params["mix"][e] = {k: v.copy() for k, v in self.singles[e][1]["mix"][e].items()}
+        params = self.init_from_singles(c)
         params, info = trainer.fit(c, feats_fit, y_fit, feats_val, y_val, tc, params=params)
         if log:
             log(f"  router val acc {info['val_accuracy']:.4f} (epoch {info['best_epoch']})")

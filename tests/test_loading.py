@@ -39,11 +39,18 @@ def test_garbage_safetensors(copy):
         load_folder(copy)
 
 
-def test_wrong_shape_names_file_tensor_and_shapes(copy):
-    f = copy / "model.safetensors"
+def edit_weights(folder, change):
+    """Apply change(params) to a copied folder's model.safetensors and write it back -> the file."""
+    f = folder / "model.safetensors"
     params = load_file(f)
-    params["encoder.layer.1.intermediate.dense.weight"] = np.zeros((80, 47), dtype=np.float32)
+    change(params)
     save_file(params, f)
+    return f
+
+
+def test_wrong_shape_names_file_tensor_and_shapes(copy):
+    f = edit_weights(copy, lambda p: p.update({"encoder.layer.1.intermediate.dense.weight":
+                                               np.zeros((80, 47), dtype=np.float32)}))
     with pytest.raises(WeightsError) as e:
         load_folder(copy)
     msg = str(e.value)
@@ -52,28 +59,19 @@ def test_wrong_shape_names_file_tensor_and_shapes(copy):
 
 
 def test_wrong_dtype(copy):
-    f = copy / "model.safetensors"
-    params = load_file(f)
-    params["embeddings.LayerNorm.bias"] = params["embeddings.LayerNorm.bias"].astype(np.float16)
-    save_file(params, f)
+    edit_weights(copy, lambda p: p.update({"embeddings.LayerNorm.bias": p["embeddings.LayerNorm.bias"].astype(np.float16)}))
     with pytest.raises(WeightsError, match="'embeddings.LayerNorm.bias' has dtype F16, expected F32"):
         load_folder(copy)
 
 
 def test_missing_tensor(copy):
-    f = copy / "model.safetensors"
-    params = load_file(f)
-    del params["encoder.layer.2.output.dense.bias"]
-    save_file(params, f)
+    edit_weights(copy, lambda p: p.pop("encoder.layer.2.output.dense.bias"))
     with pytest.raises(WeightsError, match="missing tensor 'encoder.layer.2.output.dense.bias'"):
         load_folder(copy)
 
 
 def test_position_ids_and_pooler_are_ignored(copy):
-    f = copy / "model.safetensors"
-    params = load_file(f)
-    params["embeddings.position_ids"] = np.arange(72, dtype=np.int64)[None]
-    save_file(params, f)
+    edit_weights(copy, lambda p: p.update({"embeddings.position_ids": np.arange(72, dtype=np.int64)[None]}))
     hf = load_folder(copy)
     assert "embeddings.position_ids" in hf.ignored and "pooler.dense.weight" in hf.ignored
     assert "embeddings.position_ids" not in hf.params
