@@ -17,16 +17,11 @@ Layers, from bottom to top:
     team = Team.load("weights/ag_news")
     team.predict(["Stocks rallied on Wall Street"])   # -> ["Business"]
 """
-import os
-
-# Numba's on-disk cache must live somewhere writable even when the package is installed read-only.
-os.environ.setdefault(
-    "NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "minislm", "numba")
-)
+from minislm import numba_setup  # noqa: F401  (first: cache location and vector width, before any @njit)
 
 __version__ = "0.1.0"
 
-from minislm.experts import load_expert  # noqa: E402  (after the cache location is set)
+from minislm.experts import load_expert  # noqa: E402
 from minislm.team import Team  # noqa: E402
 
 __all__ = ["Team", "load_expert"]

@@ -19,6 +19,7 @@ import numpy as np
 
 from minislm.hf_folder import attention_names
 from minislm.kernels import attention, gelu, layer_norm, linear
+from minislm.kernels.matmul import PackedWeight, pack_weight
 
 MASK_VALUE = np.finfo(np.float32).min  # added to scores of padding keys: exactly zero weight after softmax
 
@@ -35,15 +36,16 @@ class EmbeddingWeights:
 
 @dataclass
 class LayerWeights:
-    qkv_w: np.ndarray      # [3H, H] query, key and value projections stacked: one matmul instead of three
+    # The four matrices are packed once for the matmul kernel (PackedWeight.unpack() gives [out, in] back).
+    qkv_w: PackedWeight    # [3H, H] query, key and value projections stacked: one matmul instead of three
     qkv_b: np.ndarray      # [3H]
-    attn_out_w: np.ndarray  # [H, H]
+    attn_out_w: PackedWeight  # [H, H]
     attn_out_b: np.ndarray  # [H]
     ln1_gamma: np.ndarray  # [H] layer norm after attention
     ln1_beta: np.ndarray   # [H]
-    ffn_in_w: np.ndarray   # [F, H]
+    ffn_in_w: PackedWeight  # [F, H]
     ffn_in_b: np.ndarray   # [F]
-    ffn_out_w: np.ndarray  # [H, F]
+    ffn_out_w: PackedWeight  # [H, F]
     ffn_out_b: np.ndarray  # [H]
     ln2_gamma: np.ndarray  # [H] layer norm after the feed-forward block
     ln2_beta: np.ndarray   # [H]
@@ -69,11 +71,12 @@ def layer_weights(cfg, params, i):
     fuse = lambda suffix: np.ascontiguousarray(  # noqa: E731
         np.concatenate([params[a[part] + suffix] for part in ("query", "key", "value")]))
     return LayerWeights(
-        qkv_w=fuse(".weight"), qkv_b=fuse(".bias"),
-        attn_out_w=params[a["out"] + ".weight"], attn_out_b=params[a["out"] + ".bias"],
+        qkv_w=pack_weight(fuse(".weight")), qkv_b=fuse(".bias"),
+        attn_out_w=pack_weight(params[a["out"] + ".weight"]), attn_out_b=params[a["out"] + ".bias"],
         ln1_gamma=params[a["ln"] + ".weight"], ln1_beta=params[a["ln"] + ".bias"],
-        ffn_in_w=params[p + "intermediate.dense.weight"], ffn_in_b=params[p + "intermediate.dense.bias"],
-        ffn_out_w=params[p + "output.dense.weight"], ffn_out_b=params[p + "output.dense.bias"],
+        ffn_in_w=pack_weight(params[p + "intermediate.dense.weight"]),
+        ffn_in_b=params[p + "intermediate.dense.bias"],
+        ffn_out_w=pack_weight(params[p + "output.dense.weight"]), ffn_out_b=params[p + "output.dense.bias"],
         ln2_gamma=params[p + "output.LayerNorm.weight"], ln2_beta=params[p + "output.LayerNorm.bias"],
     )
 

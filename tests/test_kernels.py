@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from minislm.kernels.activations import gelu, gelu_reference, softmax, softmax_reference
 from minislm.kernels.attention import attention, attention_reference
-from minislm.kernels.matmul import KC, linear, linear_reference
+from minislm.kernels.matmul import GROUP_MIN_ROWS, NR, PackedWeight, linear, linear_reference, pack_weight
 from minislm.kernels.norm import layer_norm, layer_norm_reference
 from tests.tolerances import KERNEL_ATOL, KERNEL_RTOL, MATMUL_ATOL, MATMUL_RTOL
 
@@ -35,8 +35,9 @@ def assert_close(got, want, atol, rtol, what):
 
 # ---------------------------------------------------------------- linear
 
-LINEAR_SHAPES = [  # (M, K, N): tile-aligned, odd, M=1, K cut into several KC chunks
-    (1, 5, 7), (4, 8, 4), (33, 17, 9), (32, 384, 1152), (37, KC + 32, 65), (70, 2 * KC + 3, 66), (3, 1, 130),
+LINEAR_SHAPES = [  # (M, K, N): tile-aligned, odd rows and columns, M=1, K=1, long K, grouped panels
+    (1, 5, 7), (4, 8, 4), (33, 17, 9), (32, 384, 1152), (37, 800, 65), (70, 1539, 66), (3, 1, 130),
+    (GROUP_MIN_ROWS + 13, 40, 5 * NR + 7),
 ]
 
 
@@ -80,7 +81,7 @@ def test_linear_large_magnitudes():
 
 def test_linear_writes_into_out():
     rng = np.random.default_rng(2)
-    x, w, b = rand(rng, 37, KC + 32), rand(rng, 65, KC + 32), rand(rng, 65)
+    x, w, b = rand(rng, 37, 800), rand(rng, 65, 800), rand(rng, 65)
     out = np.full((37, 65), np.nan, dtype=np.float32)  # stale contents must not leak into the K accumulation
     got = linear(x, w, b, gelu=True, out=out)
     assert got is out
@@ -90,6 +91,59 @@ def test_linear_writes_into_out():
 def test_linear_empty_contraction_gives_bias():
     x, w, b = np.zeros((3, 0), np.float32), np.zeros((5, 0), np.float32), np.arange(5, dtype=np.float32)
     np.testing.assert_array_equal(linear(x, w, b), np.broadcast_to(b, (3, 5)))
+
+
+@pytest.mark.parametrize("N", [1, NR, 3 * NR + 5])
+def test_packed_weight_round_trip_and_same_result(N):
+    rng = np.random.default_rng(N)
+    x, w, b = rand(rng, 19, 45), rand(rng, N, 45), rand(rng, N)
+    packed = pack_weight(w)
+    assert isinstance(packed, PackedWeight) and packed.shape == (N, 45) and pack_weight(packed) is packed
+    assert packed.panels.shape == (-(-N // NR), 45, NR)
+    np.testing.assert_array_equal(packed.unpack(), w)
+    np.testing.assert_array_equal(packed.panels.transpose(0, 2, 1).reshape(-1, 45)[N:], 0)  # zero padding
+    for backend in ("numba", "blas"):
+        np.testing.assert_array_equal(linear(x, packed, b, backend=backend), linear(x, w, b, backend=backend))
+
+
+def test_linear_accepts_read_only_inputs():
+    rng = np.random.default_rng(5)
+    x, w, b = rand(rng, 10, 33), rand(rng, 40, 33), rand(rng, 40)
+    read_only = [a.copy() for a in (x, w, b)]
+    for a in read_only:
+        a.flags.writeable = False
+    check_linear(x, w, b, True, linear(*read_only, gelu=True), "linear read-only")
+
+
+def test_linear_rejects_mismatched_packed_weight():
+    rng = np.random.default_rng(6)
+    with pytest.raises(ValueError, match=r"w has shape \(40, 33\) but x has K=32"):
+        linear(rand(rng, 10, 32), pack_weight(rand(rng, 40, 33)))
+
+
+def test_generated_tiles_are_current():
+    from minislm.kernels import tiles_gen
+
+    assert tiles_gen.TARGET.read_text() == tiles_gen.module_source(), \
+        "minislm/kernels/tiles.py is stale: run python -m minislm.kernels.tiles_gen"
+
+
+def test_tiles_use_fused_multiply_adds_on_vectors():
+    """The SLP vectoriser must have packed the tile's accumulators: vector FMAs, not scalar ones."""
+    import re
+
+    from numba import njit
+
+    from minislm.kernels.matmul import _KERNEL_SIGNATURE, _packed_kernel
+    from minislm.numba_setup import slp_vectorizer
+
+    fresh = njit(fastmath={"contract"}, parallel=True)(_packed_kernel.py_func)  # uncached: inspectable
+    with slp_vectorizer():
+        fresh.compile(_KERNEL_SIGNATURE)
+    asm = next(iter(fresh.inspect_asm().values()))
+    # the 8 x 32 tile's loop body is one basic block: 16 FMAs on 16-wide (or 32 on 8-wide) registers
+    per_block = [len(re.findall(r"vfmadd\d+ps\s[^\n]*[yz]mm", block)) for block in asm.split(".LBB")]
+    assert max(per_block) >= 16, f"at most {max(per_block)} vector FMAs in a block: SLP did not vectorise"
 
 
 # ---------------------------------------------------------------- attention

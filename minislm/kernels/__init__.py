@@ -5,7 +5,7 @@ read along the contraction axis.
 """
 from minislm.kernels.activations import gelu, softmax
 from minislm.kernels.attention import attention
-from minislm.kernels.matmul import linear
+from minislm.kernels.matmul import PackedWeight, linear, pack_weight
 from minislm.kernels.norm import layer_norm
 
-__all__ = ["attention", "gelu", "layer_norm", "linear", "softmax"]
+__all__ = ["PackedWeight", "attention", "gelu", "layer_norm", "linear", "pack_weight", "softmax"]

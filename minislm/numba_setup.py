@@ -1,0 +1,65 @@
+"""How minislm sets up Numba before any kernel is compiled. Imported first by minislm/__init__.py.
+
+1. Numba's on-disk cache must live somewhere writable even when the package is installed read-only:
+   NUMBA_CACHE_DIR defaults to ~/.cache/minislm/numba.
+2. 512-bit vectors. On AVX-512 CPUs LLVM's vectorisers prefer 256-bit vectors ("prefer-256-bit", a
+   guard against the clock drop of early AVX-512 chips), which halves the GEMM's multiply-adds per
+   instruction. Unless NUMBA_CPU_FEATURES is already set, the host's features are used with that
+   preference switched off (numba PR #5757 does the same in Numba's own tests). It has to happen before
+   Numba creates its code generator, i.e. before the first @njit function is defined in this process;
+   if another library got there first, the kernels still run, with 256-bit vectors.
+   MINISLM_PREFER_256=1 keeps LLVM's default.
+3. `slp_vectorizer()`: Numba turns LLVM's SLP vectoriser off by default (numba PR #8852, after
+   miscompilations elsewhere); the GEMM's register tiles need it, so matmul.py compiles that one kernel
+   inside this context. Its result is checked against NumPy by the tests like every other kernel.
+"""
+import contextlib
+import os
+
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "minislm", "numba"))
+
+import llvmlite.binding as llvm  # noqa: E402
+import numba  # noqa: E402
+from numba.core.registry import cpu_target  # noqa: E402
+
+
+def _codegen_exists():
+    # the target context (and with it the LLVM target machine) is created lazily, on first use
+    return "_toplevel_target_context" in vars(cpu_target)
+
+
+def host_has_avx512():
+    return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+def prefer_512_bit_vectors():
+    """Let LLVM use 512-bit vectors on AVX-512 hosts; returns True when that is now in effect."""
+    if os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("MINISLM_PREFER_256") == "1":
+        return "-prefer-256-bit" in (numba.config.CPU_FEATURES or "")
+    if not host_has_avx512() or _codegen_exists():
+        return False
+    numba.config.CPU_FEATURES = llvm.get_host_cpu_features().flatten() + ",-prefer-256-bit"
+    return True
+
+
+def vector_width_bits():
+    """The vector width LLVM prefers for the kernels in this process: 512, or 256 (or less) otherwise."""
+    features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    flags = features.split(",")
+    if "+avx512f" in flags and "-prefer-256-bit" in flags:
+        return 512
+    return 256 if "+avx2" in flags or "+avx" in flags else 128
+
+
+@contextlib.contextmanager
+def slp_vectorizer():
+    """Compile inside this block with LLVM's SLP vectoriser on (restored afterwards)."""
+    saved = numba.config.SLP_VECTORIZE
+    numba.config.SLP_VECTORIZE = 1
+    try:
+        yield
+    finally:
+        numba.config.SLP_VECTORIZE = saved
+
+
+prefer_512_bit_vectors()
