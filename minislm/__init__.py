@@ -17,7 +17,9 @@ Layers, from bottom to top:
     team = Team.load("weights/ag_news")
     team.predict(["Stocks rallied on Wall Street"])   # -> ["Business"]
 """
-from minislm import numba_setup  # noqa: F401  (first: cache location and vector width, before any @njit)
+from minislm import numba_setup
+
+numba_setup.prefer_512_bit_vectors()  # before any @njit function exists (see numba_setup)
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""How minislm sets up Numba before any kernel is compiled. Imported first by minislm/__init__.py.
+"""How minislm sets up Numba before any kernel is compiled: minislm/__init__.py imports this first.
 
 1. Numba's on-disk cache must live somewhere writable even when the package is installed read-only:
    NUMBA_CACHE_DIR defaults to ~/.cache/minislm/numba.
@@ -9,11 +9,7 @@
    Numba creates its code generator, i.e. before the first @njit function is defined in this process;
    if another library got there first, the kernels still run, with 256-bit vectors.
    MINISLM_PREFER_256=1 keeps LLVM's default.
-3. `slp_vectorizer()`: Numba turns LLVM's SLP vectoriser off by default (numba PR #8852, after
-   miscompilations elsewhere); the GEMM's register tiles need it, so matmul.py compiles that one kernel
-   inside this context. Its result is checked against NumPy by the tests like every other kernel.
 """
-import contextlib
 import os
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "minislm", "numba"))
@@ -49,17 +45,3 @@ def vector_width_bits():
     if "+avx512f" in flags and "-prefer-256-bit" in flags:
         return 512
     return 256 if "+avx2" in flags or "+avx" in flags else 128
-
-
-@contextlib.contextmanager
-def slp_vectorizer():
-    """Compile inside this block with LLVM's SLP vectoriser on (restored afterwards)."""
-    saved = numba.config.SLP_VECTORIZE
-    numba.config.SLP_VECTORIZE = 1
-    try:
-        yield
-    finally:
-        numba.config.SLP_VECTORIZE = saved
-
-
-prefer_512_bit_vectors()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from minislm.kernels.activations import gelu, gelu_reference, softmax, softmax_reference
 from minislm.kernels.attention import attention, attention_reference
-from minislm.kernels.matmul import GROUP_MIN_ROWS, NR, PackedWeight, linear, linear_reference, pack_weight
+from minislm.kernels.matmul import GROUP_MIN_ROWS, MR, NR, PackedWeight, linear, linear_reference, pack_weight
 from minislm.kernels.norm import layer_norm, layer_norm_reference
 from tests.tolerances import KERNEL_ATOL, KERNEL_RTOL, MATMUL_ATOL, MATMUL_RTOL
 
@@ -121,29 +121,43 @@ def test_linear_rejects_mismatched_packed_weight():
         linear(rand(rng, 10, 32), pack_weight(rand(rng, 40, 33)))
 
 
-def test_generated_tiles_are_current():
-    from minislm.kernels import tiles_gen
-
-    assert tiles_gen.TARGET.read_text() == tiles_gen.module_source(), \
-        "minislm/kernels/tiles.py is stale: run python -m minislm.kernels.tiles_gen"
-
-
-def test_tiles_use_fused_multiply_adds_on_vectors():
-    """The SLP vectoriser must have packed the tile's accumulators: vector FMAs, not scalar ones."""
+def test_tiles_keep_accumulators_in_vector_registers():
+    """The 8 x 32 tile's k loop is one basic block of 16 FMAs on 16-wide (or 32 on 8-wide) registers."""
     import re
 
     from numba import njit
 
-    from minislm.kernels.matmul import _KERNEL_SIGNATURE, _packed_kernel
-    from minislm.numba_setup import slp_vectorizer
+    from minislm.kernels.matmul import _linear_kernel
 
-    fresh = njit(fastmath={"contract"}, parallel=True)(_packed_kernel.py_func)  # uncached: inspectable
-    with slp_vectorizer():
-        fresh.compile(_KERNEL_SIGNATURE)
+    fresh = njit(fastmath=True, parallel=True)(_linear_kernel.py_func)  # uncached, so its assembly is inspectable
+    fresh(*(np.ones(s, np.float32) for s in [(16, 8), (1, 8, NR)]), NR, np.zeros(0, np.float32), False,
+          np.empty((16, NR), np.float32))
     asm = next(iter(fresh.inspect_asm().values()))
-    # the 8 x 32 tile's loop body is one basic block: 16 FMAs on 16-wide (or 32 on 8-wide) registers
     per_block = [len(re.findall(r"vfmadd\d+ps\s[^\n]*[yz]mm", block)) for block in asm.split(".LBB")]
-    assert max(per_block) >= 16, f"at most {max(per_block)} vector FMAs in a block: SLP did not vectorise"
+    assert max(per_block) >= 2 * MR, f"at most {max(per_block)} vector FMAs in a block of the GEMM kernel"
+
+
+@pytest.mark.parametrize("tile_rows", [8, 2, 1])
+def test_each_register_tile_matches_numpy(tile_rows):
+    """Every tile, whichever one this CPU's kernel uses: out[i:i+R, j0:j0+32] = x[i:i+R] @ panel."""
+    from numba import njit
+
+    from minislm.kernels import tiles
+
+    tile = {8: tiles.tile_8x32, 2: tiles.tile_2x32, 1: tiles.tile_1x32}[tile_rows]
+
+    @njit
+    def run(x, panel, out, i, j0):
+        tile(x, panel, out, i, j0)
+
+    rng = np.random.default_rng(tile_rows)
+    x, panel = rand(rng, 11, 37), rand(rng, 37, NR)
+    out = np.full((11, 3 * NR), np.nan, dtype=np.float32)
+    run(x, panel, out, 2, NR)
+    np.testing.assert_allclose(out[2:2 + tile_rows, NR:2 * NR], x[2:2 + tile_rows] @ panel, rtol=1e-5, atol=1e-5)
+    untouched = np.ones(out.shape, bool)
+    untouched[2:2 + tile_rows, NR:2 * NR] = False
+    assert np.isnan(out[untouched]).all(), "a tile wrote outside its block"
 
 
 # ---------------------------------------------------------------- attention
