@@ -183,6 +183,8 @@ ATTENTION_CASES = [  # (B, T, N, D, lengths, with pos_bias)
     (1, 1, 2, 8, [1], True),          # T = 1
     (3, 64, 4, 16, [1, 64, 30], True),  # heavy padding: one real token of 64
     (2, 33, 12, 32, [33, 20], True),   # MiniLM's head size, odd T
+    (2, 40, 2, 64, [40, 17], True),    # MPNet's head size: two panels of head dims
+    (1, 70, 2, 48, [70], False),       # head dims and keys both padded to whole panels
 ]
 
 
@@ -235,6 +237,42 @@ def test_attention_writes_into_out():
     assert attention(qkv, mask, 4, out=out) is out
     assert_close(out, attention_reference(qkv.astype(np.float64), mask.astype(np.float64), 4),
                  KERNEL_ATOL, KERNEL_RTOL, "attention out=")
+
+
+def test_attention_kernel_matches_its_readable_version():
+    """The tiled kernel against _attention_kernel_reference, the same computation one query at a time."""
+    import numba
+
+    from minislm.kernels.attention import _attention_kernel_reference
+
+    rng = np.random.default_rng(6)
+    B, T, N, D = 3, 45, 3, 32
+    qkv, mask, pos_bias = rand(rng, B, T, 3 * N * D), padding_mask([45, 9, 30], T, F32_MIN), rand(rng, N, T, T)
+    want = np.empty((B, T, N * D), np.float32)
+    _attention_kernel_reference(qkv, mask, N, pos_bias, numba.config.NUMBA_NUM_THREADS, want)
+    assert_close(attention(qkv, mask, N, pos_bias), want, KERNEL_ATOL, KERNEL_RTOL, "tiled vs one-query kernel")
+
+
+def test_simd_max_and_horizontal_max():
+    from numba import njit
+
+    from minislm.kernels.simd import hmax16, load16, max16
+
+    @njit
+    def row_max(row):
+        peak = load16(row, 0)
+        for j in range(16, row.shape[0], 16):
+            peak = max16(peak, load16(row, j))
+        return hmax16(peak)
+
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        row = rand(rng, 64)
+        assert row_max(row) == row.max()
+    row = np.full(32, -np.inf, np.float32)
+    assert row_max(row) == -np.inf
+    row[17] = -3.0
+    assert row_max(row) == -3.0
 
 
 def test_attention_all_keys_masked_gives_zeros():

@@ -1,12 +1,17 @@
 """Fused multi-head scaled-dot-product attention over a packed QKV projection.
 
-One parallel task per (batch row, head). A task copies its head's keys and values transposed,
-K^T and V^T [D, T], into per-thread scratch buffers (16 KB each at D=32, T=128, so they stay in L1), then
-handles one query at a time: the score row s [T] = mask + bias + q K^T / sqrt(D) is built with the T axis innermost
-(vectorised), turned into probabilities by a max-subtracted softmax, and each output o_d is the dot product
-of those probabilities with the contiguous row V^T[d]. Nothing [T, T] is ever materialised.
+One parallel task per (batch row, head), and both products are GEMMs on the matmul's register tiles
+(tiles.py). A task copies its head into per-thread scratch, zero-padded to whole 32-wide panels:
+    q  [T, D']          the queries, already multiplied by 1/sqrt(D)
+    kt [T'/32, D', 32]  keys transposed into panels, so that s = q @ kt is the tiles' x @ panel
+    vp [D'/32, T', 32]  values cut into panels of 32 dims, so that o = p @ vp likewise
+(D' and T' are D and T rounded up to 32.) Then: the scores s [T, T'] = q K^T; per row, mask + bias added
+and a max-subtracted exp (`exp32`), the row's 1/sum kept; o = p V; out = o * (1/sum). The [T, T] score
+block of one head is 64 KB at T = 128, so it stays in L2 between the two products. Zero-padded keys
+get probability exactly 0.
 Keys whose score is more than 87 below the row's maximum get exactly 0 weight (every padding key under a
-mask of -inf, float32 min or -1e4; see `exp32`).
+mask of -inf, float32 min or -1e4; see `exp32`). `_attention_kernel_reference` is the same computation
+one query at a time, kept as the readable version and tested against this one.
 """
 import math
 
@@ -16,6 +21,8 @@ from numba import njit, prange
 
 from minislm.kernels.activations import SOFTMAX_FASTMATH, exp32, softmax_reference
 from minislm.kernels.checks import check_array, output_array
+from minislm.kernels.simd import LANES, hmax16, load16, max16
+from minislm.kernels.tiles import PANEL, rows_times_panels
 
 _NO_BIAS = np.zeros((0, 0, 0), dtype=np.float32)
 
@@ -41,7 +48,7 @@ def attention_reference(qkv, mask_add, n_heads, pos_bias=None):
 
 
 @njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
-def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
+def _attention_kernel_reference(qkv, mask_add, n_heads, pos_bias, n_threads, out):
     # qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or empty -> out [B, T, H];
     # n_threads bounds numba.get_thread_id() and sizes the per-thread scratch
     B, T, H3 = qkv.shape
@@ -97,6 +104,83 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
                 for j in range(T):
                     acc += s[j] * vtd[j]
                 out[b, i, q0 + d] = acc * inv
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH, inline="always")  # inlined into the prange body
+def _softmax_rows(s, mask_row, bias, T, inv):
+    # s [T, T'] scores (T' a multiple of 16) -> unnormalised probabilities exp(s + mask + bias - max),
+    # exactly 0 past column T; inv [T] <- 1 / row sum (0 for a row whose keys are all -inf: zero output)
+    has_bias = bias.shape[0] > 0
+    for i in range(T):
+        row = s[i]
+        if has_bias:
+            bias_row = bias[i]
+            for j in range(T):
+                row[j] += mask_row[j] + bias_row[j]
+        else:
+            for j in range(T):
+                row[j] += mask_row[j]
+        for j in range(T, row.shape[0]):
+            row[j] = -np.inf  # padding keys: exp32 turns them into exactly 0
+        peak = load16(row, 0)
+        for j in range(LANES, row.shape[0], LANES):
+            peak = max16(peak, load16(row, j))
+        m = hmax16(peak)
+        if m == -np.inf:
+            inv[i] = 0.0
+            row[:] = 0.0
+            continue
+        total = np.float32(0.0)
+        for j in range(row.shape[0]):
+            e = exp32(row[j] - m)
+            row[j] = e
+            total += e
+        inv[i] = np.float32(1.0) / total
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
+def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
+    # qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or empty -> out [B, T, H];
+    # n_threads bounds numba.get_thread_id() and sizes the per-thread scratch
+    B, T, H3 = qkv.shape
+    H = H3 // 3
+    D = H // n_heads
+    Dp = (D + PANEL - 1) // PANEL * PANEL  # D' and T': whole panels
+    Tp = (T + PANEL - 1) // PANEL * PANEL
+    scale = np.float32(1.0 / math.sqrt(D))
+    has_bias = pos_bias.shape[0] > 0
+    no_bias = np.zeros((0, 0), dtype=np.float32)
+    # zeroed once: the padding is never written, so it stays zero for every task
+    q_scratch = np.zeros((n_threads, T, Dp), dtype=np.float32)
+    kt_scratch = np.zeros((n_threads, Tp // PANEL, Dp, PANEL), dtype=np.float32)
+    vp_scratch = np.zeros((n_threads, Dp // PANEL, Tp, PANEL), dtype=np.float32)
+    s_scratch = np.zeros((n_threads, T, Tp), dtype=np.float32)
+    o_scratch = np.zeros((n_threads, T, Dp), dtype=np.float32)
+    inv_scratch = np.zeros((n_threads, T), dtype=np.float32)
+    for task in prange(B * n_heads):
+        b = task // n_heads
+        h = task % n_heads
+        tid = numba.get_thread_id()
+        q, kt, vp = q_scratch[tid], kt_scratch[tid], vp_scratch[tid]
+        s, o, inv = s_scratch[tid], o_scratch[tid], inv_scratch[tid]
+        q0 = h * D
+        k0 = H + h * D
+        v0 = 2 * H + h * D
+        for j in range(T):
+            token = qkv[b, j]
+            kt_panel = kt[j // PANEL]
+            jj = j % PANEL
+            for d in range(D):
+                q[j, d] = token[q0 + d] * scale
+                kt_panel[d, jj] = token[k0 + d]
+                vp[d // PANEL, j, d % PANEL] = token[v0 + d]
+        rows_times_panels(q, kt, s, 0, T, 0, Tp // PANEL)          # s [T, T'] = q K^T
+        _softmax_rows(s, mask_add[b], pos_bias[h] if has_bias else no_bias, T, inv)
+        rows_times_panels(s, vp, o, 0, T, 0, Dp // PANEL)          # o [T, D'] = p V
+        for i in range(T):
+            dst = out[b, i]
+            for d in range(D):
+                dst[q0 + d] = o[i, d] * inv[i]
 
 
 def attention(qkv, mask_add, n_heads, pos_bias=None, out=None):

@@ -24,11 +24,9 @@ from numba import njit, prange
 
 from minislm.kernels.activations import gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
-from minislm.kernels.tiles import tile_1x32, tile_2x32, tile_8x32
-from minislm.numba_setup import vector_width_bits
-
-MR = 8 if vector_width_bits() >= 512 else 2  # rows of x per register tile: tile_8x32 or tile_2x32
-NR = 32             # output columns per panel and per tile
+from minislm.kernels.tiles import PANEL as NR  # output columns per panel and per register tile
+from minislm.kernels.tiles import TILE_ROWS as MR  # rows of x per register tile on this CPU
+from minislm.kernels.tiles import rows_times_panels
 MB = 64             # rows of x per parallel task
 GROUP = 4           # panels per parallel task (128 output columns)
 GROUP_MIN_ROWS = 256  # below this many rows a task takes one panel, so small products still split
@@ -103,16 +101,7 @@ def _linear_kernel(x, panels, n, b, gelu, out):
         p1 = min(full_panels, p0 + group)
         i0 = (task % n_row_blocks) * MB
         i1 = min(M, i0 + MB)
-        i_tiles = i0 + (i1 - i0) // MR * MR
-        for i in range(i0, i_tiles, MR):
-            for p in range(p0, p1):
-                if MR == 8:  # a compile-time constant: only one branch is compiled
-                    tile_8x32(x, panels[p], out, i, p * NR)
-                else:
-                    tile_2x32(x, panels[p], out, i, p * NR)
-        for i in range(i_tiles, i1):
-            for p in range(p0, p1):
-                tile_1x32(x, panels[p], out, i, p * NR)
+        rows_times_panels(x, panels, out, i0, i1, p0, p1)
         _epilogue(out, b, gelu, i0, i1, p0 * NR, p1 * NR)
     if full_panels < P:  # the last n % 32 columns: a plain loop, only ever a few columns
         j0 = full_panels * NR

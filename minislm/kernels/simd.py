@@ -9,8 +9,10 @@ whole k loop. With a vector type of our own the tile says it directly:
     store16(row, j, v)           row[j:j+16] = v
     splat16(x)                   float32 x in all 16 lanes (a broadcast)
     fma16(a, b, c)               a * b + c lane by lane, one fused multiply-add instruction
+    max16(a, b), hmax16(a)       lane-by-lane maximum; the largest of a's 16 lanes (softmax's row max)
 
-Each is a few lines of LLVM IR (llvmlite's IRBuilder): an LLVM vector <16 x float> and the llvm.fma
+(Max reductions are the one loop LLVM will not vectorise from Numba code: Numba's max() keeps Python's
+NaN rules, which LLVM cannot reorder.) Each is a few lines of LLVM IR (llvmlite's IRBuilder): an LLVM vector <16 x float> and the llvm.fma
 intrinsic, nothing machine-specific; LLVM maps them to the CPU it compiles for. No bounds checks:
 callers guarantee j + 16 <= len(row).
 """
@@ -87,8 +89,30 @@ def fma16(typingctx, a, b, c):
     """a * b + c lane by lane (float32x16), rounded once"""
 
     def codegen(context, builder, signature, args):
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
-                                             "llvm.fma.v16f32")
-        return builder.call(fma, args)
+        return builder.call(_vector_intrinsic(builder, "llvm.fma.v16f32", 3), args)
 
     return float32x16(float32x16, float32x16, float32x16), codegen
+
+
+def _vector_intrinsic(builder, name, n_args, result=_VECTOR):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, [_VECTOR] * n_args), name)
+
+
+@intrinsic
+def max16(typingctx, a, b):
+    """lane-by-lane maximum of two float32x16 (a NaN lane yields the other operand)"""
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_vector_intrinsic(builder, "llvm.maxnum.v16f32", 2), args)
+
+    return float32x16(float32x16, float32x16), codegen
+
+
+@intrinsic
+def hmax16(typingctx, a):
+    """the largest of the 16 lanes of a float32x16, as a float32"""
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_vector_intrinsic(builder, "llvm.vector.reduce.fmax.v16f32", 1, ir.FloatType()), args)
+
+    return types.float32(float32x16), codegen

@@ -14,11 +14,33 @@ k loop. One step of k is then: two loads of the panel's 32 weights, R broadcasts
 fast BLAS. R = 8 uses 16 accumulator registers, right for AVX-512's 32 registers; on AVX2 (16
 registers, each half a float32x16) R = 2 keeps them from spilling to the stack. R = 1 finishes rows
 left over. Every tile is tested against NumPy (tests/test_kernels.py).
+
+`rows_times_panels` runs the tiles over a block of rows and panels; the GEMM (matmul.py) and both
+products of attention (attention.py) are built on it.
 """
 import numpy as np
 from numba import njit
 
 from minislm.kernels.simd import fma16, load16, splat16, store16
+from minislm.numba_setup import vector_width_bits
+
+PANEL = 32                                            # output columns per tile (one panel of weights)
+TILE_ROWS = 8 if vector_width_bits() >= 512 else 2    # rows per tile on this CPU: tile_8x32 or tile_2x32
+
+
+@njit(cache=True, inline="always")
+def rows_times_panels(x, panels, out, i0, i1, p0, p1):
+    """out[i0:i1, 32p:32p+32] = x[i0:i1] @ panels[p] for p in [p0, p1); x [M, K], panels [P, K, 32]."""
+    i_tiles = i0 + (i1 - i0) // TILE_ROWS * TILE_ROWS
+    for i in range(i0, i_tiles, TILE_ROWS):
+        for p in range(p0, p1):  # the tile's rows of x stay in L1 while it visits the panels
+            if TILE_ROWS == 8:   # a compile-time constant: only one branch is compiled
+                tile_8x32(x, panels[p], out, i, p * PANEL)
+            else:
+                tile_2x32(x, panels[p], out, i, p * PANEL)
+    for i in range(i_tiles, i1):
+        for p in range(p0, p1):
+            tile_1x32(x, panels[p], out, i, p * PANEL)
 
 
 @njit(cache=True, inline="always")
