@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from minislm.kernels.activations import gelu, gelu_reference, softmax, softmax_reference
 from minislm.kernels.attention import attention, attention_reference
-from minislm.kernels.matmul import GROUP_MIN_ROWS, MR, NR, PackedWeight, linear, linear_reference, pack_weight
+from minislm.kernels.matmul import GROUP_MIN_ROWS, NR, PackedWeight, linear, linear_reference, pack_weight
 from minislm.kernels.norm import layer_norm, layer_norm_reference
+from minislm.kernels.tiles import TILE_ROWS
 from tests.tolerances import KERNEL_ATOL, KERNEL_RTOL, MATMUL_ATOL, MATMUL_RTOL
 
 F32_MIN = np.finfo(np.float32).min
@@ -134,7 +135,7 @@ def test_tiles_keep_accumulators_in_vector_registers():
           np.empty((16, NR), np.float32))
     asm = next(iter(fresh.inspect_asm().values()))
     per_block = [len(re.findall(r"vfmadd\d+ps\s[^\n]*[yz]mm", block)) for block in asm.split(".LBB")]
-    assert max(per_block) >= 2 * MR, f"at most {max(per_block)} vector FMAs in a block of the GEMM kernel"
+    assert max(per_block) >= 2 * TILE_ROWS, f"at most {max(per_block)} vector FMAs in a block of the GEMM kernel"
 
 
 @pytest.mark.parametrize("tile_rows", [8, 2, 1])

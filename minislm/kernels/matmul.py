@@ -25,7 +25,6 @@ from numba import njit, prange
 from minislm.kernels.activations import gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
 from minislm.kernels.tiles import PANEL as NR  # output columns per panel and per register tile
-from minislm.kernels.tiles import TILE_ROWS as MR  # rows of x per register tile on this CPU
 from minislm.kernels.tiles import rows_times_panels
 MB = 64             # rows of x per parallel task
 GROUP = 4           # panels per parallel task (128 output columns)
