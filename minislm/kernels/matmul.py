@@ -69,6 +69,7 @@ class PackedWeight:
         padded = np.zeros((n_panels * NR, self.k), dtype=np.float32)
         padded[:self.n] = w
         self.panels = np.ascontiguousarray(padded.reshape(n_panels, NR, self.k).transpose(0, 2, 1))
+        self._unpacked = None
 
     @property
     def shape(self):
@@ -78,6 +79,12 @@ class PackedWeight:
     def unpack(self):
         """-> w [N, K] (a copy): the torch-layout weight, e.g. for a backward pass."""
         return np.ascontiguousarray(self.panels.transpose(0, 2, 1).reshape(-1, self.k)[:self.n])
+
+    def torch_layout(self):
+        """w [N, K], unpacked on first use and kept: the BLAS backend reads this layout on every call."""
+        if self._unpacked is None:
+            self._unpacked = self.unpack()
+        return self._unpacked
 
 
 def pack_weight(w):
@@ -165,7 +172,7 @@ def linear(x, w, b=None, gelu=False, out=None, backend=None):
     if np.may_share_memory(out, x) or any(np.may_share_memory(out, a) for a in weight_arrays):
         raise ValueError("linear: out overlaps x or w; pass a separate output array")
     if resolve_backend(M, backend) == "blas" and K > 0:
-        np.matmul(x, (w.unpack() if isinstance(w, PackedWeight) else w).T, out=out)
+        np.matmul(x, (w.torch_layout() if isinstance(w, PackedWeight) else w).T, out=out)
         if b.shape[0] > 0 or gelu:
             _bias_gelu_kernel(out, b, bool(gelu))
     elif M and N:
