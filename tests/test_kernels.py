@@ -12,7 +12,7 @@ from minislm.kernels.activations import gelu, gelu_reference, softmax, softmax_r
 from minislm.kernels.attention import attention, attention_reference
 from minislm.kernels.matmul import GROUP_MIN_ROWS, NR, PackedWeight, linear, linear_reference, pack_weight
 from minislm.kernels.norm import layer_norm, layer_norm_reference
-from minislm.kernels.tiles import TILE_ROWS
+from minislm.kernels.tiles import K_CHUNK, TILE_ROWS
 from tests.tolerances import KERNEL_ATOL, KERNEL_RTOL, MATMUL_ATOL, MATMUL_RTOL
 
 F32_MIN = np.finfo(np.float32).min
@@ -38,6 +38,7 @@ def assert_close(got, want, atol, rtol, what):
 
 LINEAR_SHAPES = [  # (M, K, N): tile-aligned, odd rows and columns, M=1, K=1, long K, grouped panels
     (1, 5, 7), (4, 8, 4), (33, 17, 9), (32, 384, 1152), (37, 800, 65), (70, 1539, 66), (3, 1, 130),
+    (19, 2 * K_CHUNK + 5, 40),  # three chunks of K
     (GROUP_MIN_ROWS + 13, 40, 5 * NR + 7),
 ]
 
@@ -148,17 +149,20 @@ def test_each_register_tile_matches_numpy(tile_rows):
     tile = {8: tiles.tile_8x32, 2: tiles.tile_2x32, 1: tiles.tile_1x32}[tile_rows]
 
     @njit
-    def run(x, panel, out, i, j0):
-        tile(x, panel, out, i, j0)
+    def run(x, panel, out, i, j0, accumulate):
+        tile(x, panel, out, i, j0, accumulate)
 
     rng = np.random.default_rng(tile_rows)
     x, panel = rand(rng, 11, 37), rand(rng, 37, NR)
     out = np.full((11, 3 * NR), np.nan, dtype=np.float32)
-    run(x, panel, out, 2, NR)
-    np.testing.assert_allclose(out[2:2 + tile_rows, NR:2 * NR], x[2:2 + tile_rows] @ panel, rtol=1e-5, atol=1e-5)
+    block = (slice(2, 2 + tile_rows), slice(NR, 2 * NR))
+    run(x, panel, out, 2, NR, False)
+    np.testing.assert_allclose(out[block], x[2:2 + tile_rows] @ panel, rtol=1e-5, atol=1e-5)
     untouched = np.ones(out.shape, bool)
-    untouched[2:2 + tile_rows, NR:2 * NR] = False
+    untouched[block] = False
     assert np.isnan(out[untouched]).all(), "a tile wrote outside its block"
+    run(x, panel, out, 2, NR, True)  # a second chunk of K adds to the first
+    np.testing.assert_allclose(out[block], 2 * (x[2:2 + tile_rows] @ panel), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- attention

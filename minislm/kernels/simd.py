@@ -9,6 +9,7 @@ whole k loop. With a vector type of our own the tile says it directly:
     store16(row, j, v)           row[j:j+16] = v
     splat16(x)                   float32 x in all 16 lanes (a broadcast)
     fma16(a, b, c)               a * b + c lane by lane, one fused multiply-add instruction
+    add16(a, b)                  a + b lane by lane
     max16(a, b), hmax16(a)       lane-by-lane maximum; the largest of a's 16 lanes (softmax's row max)
 
 (Max reductions are the one loop LLVM will not vectorise from Numba code: Numba's max() keeps Python's
@@ -92,6 +93,16 @@ def fma16(typingctx, a, b, c):
         return builder.call(_vector_intrinsic(builder, "llvm.fma.v16f32", 3), args)
 
     return float32x16(float32x16, float32x16, float32x16), codegen
+
+
+@intrinsic
+def add16(typingctx, a, b):
+    """a + b lane by lane (float32x16)"""
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(*args)
+
+    return float32x16(float32x16, float32x16), codegen
 
 
 def _vector_intrinsic(builder, name, n_args, result=_VECTOR):

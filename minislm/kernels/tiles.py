@@ -21,31 +21,41 @@ products of attention (attention.py) are built on it.
 import numpy as np
 from numba import njit
 
-from minislm.kernels.simd import fma16, load16, splat16, store16
+from minislm.kernels.simd import add16, fma16, load16, splat16, store16
 from minislm.numba_setup import vector_width_bits
 
 PANEL = 32                                            # output columns per tile (one panel of weights)
 TILE_ROWS = 8 if vector_width_bits() >= 512 else 2    # rows per tile on this CPU: tile_8x32 or tile_2x32
+K_CHUNK = 1024                                        # contraction chunk (see rows_times_panels)
 
 
 @njit(cache=True, inline="always")
 def rows_times_panels(x, panels, out, i0, i1, p0, p1):
-    """out[i0:i1, 32p:32p+32] = x[i0:i1] @ panels[p] for p in [p0, p1); x [M, K], panels [P, K, 32]."""
+    """out[i0:i1, 32p:32p+32] = x[i0:i1] @ panels[p] for p in [p0, p1); x [M, K], panels [P, K, 32].
+
+    K is cut into chunks of K_CHUNK so that a tile's rows of x (8 x K_CHUNK floats) stay in L1 while the
+    tile visits the panels; every chunk after the first adds to the output.
+    """
+    K = x.shape[1]
     i_tiles = i0 + (i1 - i0) // TILE_ROWS * TILE_ROWS
-    for i in range(i0, i_tiles, TILE_ROWS):
-        for p in range(p0, p1):  # the tile's rows of x stay in L1 while it visits the panels
-            if TILE_ROWS == 8:   # a compile-time constant: only one branch is compiled
-                tile_8x32(x, panels[p], out, i, p * PANEL)
-            else:
-                tile_2x32(x, panels[p], out, i, p * PANEL)
-    for i in range(i_tiles, i1):
-        for p in range(p0, p1):
-            tile_1x32(x, panels[p], out, i, p * PANEL)
+    for k0 in range(0, max(K, 1), K_CHUNK):
+        k1 = min(K, k0 + K_CHUNK)
+        xk = x[:, k0:k1]
+        later = k0 > 0
+        for i in range(i0, i_tiles, TILE_ROWS):
+            for p in range(p0, p1):
+                if TILE_ROWS == 8:  # a compile-time constant: only one branch is compiled
+                    tile_8x32(xk, panels[p, k0:k1], out, i, p * PANEL, later)
+                else:
+                    tile_2x32(xk, panels[p, k0:k1], out, i, p * PANEL, later)
+        for i in range(i_tiles, i1):
+            for p in range(p0, p1):
+                tile_1x32(xk, panels[p, k0:k1], out, i, p * PANEL, later)
 
 
 @njit(cache=True, inline="always")
-def tile_8x32(x, panel, out, i, j0):
-    # x [M, K], panel [K, 32] -> out[i:i+8, j0:j0+32]
+def tile_8x32(x, panel, out, i, j0, accumulate):
+    # x [M, K], panel [K, 32] -> out[i:i+8, j0:j0+32] (+= when accumulate)
     x0, x1, x2, x3, x4, x5, x6, x7 = x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]
     zero = splat16(np.float32(0.0))
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = zero  # c{r}{h}: row r, columns 16h .. 16h+15
@@ -69,19 +79,19 @@ def tile_8x32(x, panel, out, i, j0):
         c60, c61 = fma16(a, b0, c60), fma16(a, b1, c61)
         a = splat16(x7[k])
         c70, c71 = fma16(a, b0, c70), fma16(a, b1, c71)
-    _store_row(out[i], j0, c00, c01)
-    _store_row(out[i + 1], j0, c10, c11)
-    _store_row(out[i + 2], j0, c20, c21)
-    _store_row(out[i + 3], j0, c30, c31)
-    _store_row(out[i + 4], j0, c40, c41)
-    _store_row(out[i + 5], j0, c50, c51)
-    _store_row(out[i + 6], j0, c60, c61)
-    _store_row(out[i + 7], j0, c70, c71)
+    _store_row(out[i], j0, c00, c01, accumulate)
+    _store_row(out[i + 1], j0, c10, c11, accumulate)
+    _store_row(out[i + 2], j0, c20, c21, accumulate)
+    _store_row(out[i + 3], j0, c30, c31, accumulate)
+    _store_row(out[i + 4], j0, c40, c41, accumulate)
+    _store_row(out[i + 5], j0, c50, c51, accumulate)
+    _store_row(out[i + 6], j0, c60, c61, accumulate)
+    _store_row(out[i + 7], j0, c70, c71, accumulate)
 
 
 @njit(cache=True, inline="always")
-def tile_2x32(x, panel, out, i, j0):
-    # x [M, K], panel [K, 32] -> out[i:i+2, j0:j0+32]
+def tile_2x32(x, panel, out, i, j0, accumulate):
+    # x [M, K], panel [K, 32] -> out[i:i+2, j0:j0+32] (+= when accumulate)
     x0, x1 = x[i], x[i + 1]
     c00 = c01 = c10 = c11 = splat16(np.float32(0.0))
     for k in range(panel.shape[0]):
@@ -91,22 +101,25 @@ def tile_2x32(x, panel, out, i, j0):
         c00, c01 = fma16(a, b0, c00), fma16(a, b1, c01)
         a = splat16(x1[k])
         c10, c11 = fma16(a, b0, c10), fma16(a, b1, c11)
-    _store_row(out[i], j0, c00, c01)
-    _store_row(out[i + 1], j0, c10, c11)
+    _store_row(out[i], j0, c00, c01, accumulate)
+    _store_row(out[i + 1], j0, c10, c11, accumulate)
 
 
 @njit(cache=True, inline="always")
-def tile_1x32(x, panel, out, i, j0):
-    # x [M, K], panel [K, 32] -> out[i, j0:j0+32]
+def tile_1x32(x, panel, out, i, j0, accumulate):
+    # x [M, K], panel [K, 32] -> out[i, j0:j0+32] (+= when accumulate)
     x0 = x[i]
     c0 = c1 = splat16(np.float32(0.0))
     for k in range(panel.shape[0]):
         a = splat16(x0[k])
         c0, c1 = fma16(a, load16(panel[k], 0), c0), fma16(a, load16(panel[k], 16), c1)
-    _store_row(out[i], j0, c0, c1)
+    _store_row(out[i], j0, c0, c1, accumulate)
 
 
 @njit(cache=True, inline="always")
-def _store_row(row, j0, low, high):
+def _store_row(row, j0, low, high, accumulate):
+    if accumulate:  # a later chunk of K: add to what the earlier chunks left
+        low = add16(low, load16(row, j0))
+        high = add16(high, load16(row, j0 + 16))
     store16(row, j0, low)
     store16(row, j0 + 16, high)
