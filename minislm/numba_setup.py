@@ -5,7 +5,8 @@
 2. 512-bit vectors. On AVX-512 CPUs LLVM's vectorisers prefer 256-bit vectors ("prefer-256-bit", a
    guard against the clock drop of early AVX-512 chips), which halves the GEMM's multiply-adds per
    instruction. Unless NUMBA_CPU_FEATURES is already set, the host's features are used with that
-   preference switched off (numba PR #5757 does the same in Numba's own tests). It has to happen before
+   preference switched off (numba PR #5757 does the same in Numba's own tests); NUMBA_CPU_NAME or
+   NUMBA_CPU_FEATURES set by the user are left alone. It has to happen before
    Numba creates its code generator, i.e. before the first @njit function is defined in this process;
    if another library got there first, the kernels still run, with 256-bit vectors.
    MINISLM_PREFER_256=1 keeps LLVM's default.
@@ -30,7 +31,8 @@ def host_has_avx512():
 
 def prefer_512_bit_vectors():
     """Let LLVM use 512-bit vectors on AVX-512 hosts; returns True when that is now in effect."""
-    if os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("MINISLM_PREFER_256") == "1":
+    user_choice = any(os.environ.get(v) for v in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME"))
+    if user_choice or os.environ.get("MINISLM_PREFER_256") == "1":
         return "-prefer-256-bit" in (numba.config.CPU_FEATURES or "")
     if not host_has_avx512() or _codegen_exists():
         return False

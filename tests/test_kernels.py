@@ -407,3 +407,32 @@ def test_wrappers_reject_bad_input_with_a_remedy(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+# ---------------------------------------------------------------- numba set-up
+
+def test_vector_width_follows_the_cpu_features(monkeypatch):
+    import numba
+
+    from minislm import numba_setup
+
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,+avx512f,-prefer-256-bit")
+    assert numba_setup.vector_width_bits() == 512
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,+avx512f")  # LLVM's default preference
+    assert numba_setup.vector_width_bits() == 256
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert numba_setup.vector_width_bits() == 256
+
+
+def test_user_cpu_features_are_left_alone(monkeypatch):
+    import numba
+
+    from minislm import numba_setup
+
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma")
+    assert numba_setup.prefer_512_bit_vectors() is False
+    assert numba.config.CPU_FEATURES == "+avx2,+fma"
+    monkeypatch.delenv("NUMBA_CPU_FEATURES")
+    assert numba_setup.prefer_512_bit_vectors() is False  # Numba's code generator exists by now: too late
+    assert numba.config.CPU_FEATURES == "+avx2,+fma"
