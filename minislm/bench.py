@@ -354,7 +354,9 @@ def fmt(x, spec):
 
 def markdown(r):
     cpu = r["cpu"]
+    kern = r.get("kernels", {})
     lines = [f"CPU: {cpu['model']} ({', '.join(cpu['vector_extensions'])}); threads: {r['threads']}; "
+             f"minislm kernels: {kern.get('vector_bits', '?')}-bit vectors, {kern.get('tile', '?')} register tiles; "
              f"{'BLAS variables removed: ' + ', '.join(r['blas_env_removed']) if r['blas_env_removed'] else ''}",
              f"Command: `{r['command']}`", "",
              "| expert | minislm seq/s B32xT128 | (with BLAS dispatch) | transformers eager | ONNX Runtime | vs eager "
@@ -436,7 +438,11 @@ def main(argv=None):
         print(json.dumps(rows))
         return 0
     removed = [v for v in os.environ.get("MINISLM_BENCH_REMOVED", "").split(",") if v]
+    from minislm.kernels.tiles import TILE_ROWS
+    from minislm.numba_setup import vector_width_bits
+
     result = {"command": "python -m minislm.bench " + " ".join(argv), "cpu": cpu_info(), "threads": threads,
+              "kernels": {"vector_bits": vector_width_bits(), "tile": f"{TILE_ROWS}x32"},
               "blas_env_removed": removed, "references_missing": missing,
               "versions": {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
                            **{k: getattr(v, "__version__", "?") for k, v in refs.items() if v is not None}}}
