@@ -166,14 +166,22 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
         q0 = h * D
         k0 = H + h * D
         v0 = 2 * H + h * D
-        for j in range(T):
-            token = qkv[b, j]
-            kt_panel = kt[j // PANEL]
-            jj = j % PANEL
+        tokens = qkv[b]
+        for j in range(T):  # queries and values: contiguous row copies
+            src = tokens[j]
+            q_row = q[j]
             for d in range(D):
-                q[j, d] = token[q0 + d] * scale
-                kt_panel[d, jj] = token[k0 + d]
-                vp[d // PANEL, j, d % PANEL] = token[v0 + d]
+                q_row[d] = src[q0 + d] * scale
+            for p in range(Dp // PANEL):
+                v_row = vp[p, j]
+                for dd in range(min(PANEL, D - p * PANEL)):
+                    v_row[dd] = src[v0 + p * PANEL + dd]
+        for p in range(Tp // PANEL):  # keys, transposed one panel of 32 keys at a time (an 8 KB block at D=64)
+            kt_panel = kt[p]
+            for d in range(D):
+                dst = kt_panel[d]
+                for jj in range(min(PANEL, T - p * PANEL)):
+                    dst[jj] = tokens[p * PANEL + jj, k0 + d]
         rows_times_panels(q, kt, s, 0, T, 0, Tp // PANEL)          # s [T, T'] = q K^T
         _softmax_rows(s, mask_add[b], pos_bias[h] if has_bias else no_bias, T, inv)
         rows_times_panels(s, vp, o, 0, T, 0, Dp // PANEL)          # o [T, D'] = p V
