@@ -1,4 +1,4 @@
-"""Four SIMD operations on 16 float32 lanes, as Numba intrinsics: enough to write a GEMM register tile.
+"""SIMD operations on 16 float32 lanes, as Numba intrinsics: enough to write a GEMM register tile.
 
 LLVM's auto-vectorisers decide for themselves whether a loop becomes vector code, and a register tile
 (tiles.py) is exactly the case they get wrong: its accumulators must stay in registers across the
