@@ -19,6 +19,7 @@ import numpy as np
 
 from minislm.hf_folder import attention_names
 from minislm.kernels import attention, gelu, layer_norm, linear
+from minislm.kernels.attention import AttentionScratch
 from minislm.kernels.matmul import PackedWeight, pack_weight
 
 MASK_VALUE = np.finfo(np.float32).min  # added to scores of padding keys: exactly zero weight after softmax
@@ -142,12 +143,14 @@ class Workspace:
     a: np.ndarray     # [M, H] LN(x + proj)
     h: np.ndarray     # [M, F] GELU(W1 a)
     f: np.ndarray     # [M, H] W2 h
+    attn: AttentionScratch  # the attention kernel's per-thread buffers for this T
 
     @classmethod
-    def allocate(cls, cfg, M):
+    def allocate(cls, cfg, B, T):
         e = lambda *shape: np.empty(shape, dtype=np.float32)  # noqa: E731
-        H, F = cfg.hidden, cfg.ffn
-        return cls(qkv=e(M, 3 * H), ctx=e(M, H), proj=e(M, H), a=e(M, H), h=e(M, F), f=e(M, H))
+        H, F, M = cfg.hidden, cfg.ffn, B * T
+        return cls(qkv=e(M, 3 * H), ctx=e(M, H), proj=e(M, H), a=e(M, H), h=e(M, F), f=e(M, H),
+                   attn=AttentionScratch(T, H // cfg.n_heads))
 
 
 def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False):
@@ -162,7 +165,7 @@ def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False):
     x2 = x.reshape(M, H)
     linear(x2, lw.qkv_w, lw.qkv_b, out=ws.qkv)                                   # [M, 3H]
     attention(ws.qkv.reshape(B, T, 3 * H), mask_add, cfg.n_heads, pos_bias,
-              out=ws.ctx.reshape(B, T, H))                                       # [B, T, H]
+              out=ws.ctx.reshape(B, T, H), scratch=ws.attn)                      # [B, T, H]
     linear(ws.ctx, lw.attn_out_w, lw.attn_out_b, out=ws.proj)                    # [M, H]
     layer_norm(ws.proj, lw.ln1_gamma, lw.ln1_beta, cfg.layer_norm_eps, residual=x2, out=ws.a)
     cache = None
@@ -224,7 +227,7 @@ class Encoder:
             pos_bias = None
             if self.embeddings.relative_bias is not None:
                 pos_bias = relative_position_bias(cfg, self.embeddings.relative_bias, T)
-            ws = Workspace.allocate(cfg, B * T)
+            ws = Workspace.allocate(cfg, B, T)
             for i, lw in enumerate(self.layers):
                 caches.append(layer_forward(cfg, lw, hidden[i], mask_add, pos_bias, hidden[i + 1], ws, keep))
         return (hidden, caches) if keep else hidden

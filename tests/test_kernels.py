@@ -436,3 +436,16 @@ def test_user_cpu_features_are_left_alone(monkeypatch):
     monkeypatch.delenv("NUMBA_CPU_FEATURES")
     assert numba_setup.prefer_512_bit_vectors() is False  # Numba's code generator exists by now: too late
     assert numba.config.CPU_FEATURES == "+avx2,+fma"
+
+
+def test_attention_scratch_is_reused_and_checked():
+    from minislm.kernels.attention import AttentionScratch
+
+    rng = np.random.default_rng(8)
+    scratch = AttentionScratch(20, 16)
+    for lengths in ([20, 5], [3, 20]):  # two calls through the same buffers, as two layers do
+        qkv, mask = rand(rng, 2, 20, 3 * 2 * 16), padding_mask(lengths, 20, F32_MIN)
+        want = attention_reference(qkv.astype(np.float64), mask.astype(np.float64), 2)
+        assert_close(attention(qkv, mask, 2, scratch=scratch), want, KERNEL_ATOL, KERNEL_RTOL, "reused scratch")
+    with pytest.raises(ValueError, match=r"scratch was made for T=20, head dim 16.*AttentionScratch\(21, 16\)"):
+        attention(rand(rng, 1, 21, 96), np.zeros((1, 21), np.float32), 2, scratch=scratch)

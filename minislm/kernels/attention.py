@@ -138,25 +138,40 @@ def _softmax_rows(s, mask_row, bias, T, inv):
         inv[i] = np.float32(1.0) / total
 
 
+class AttentionScratch:
+    """Per-thread buffers of the attention kernel for one (T, head dim): allocated once per forward and
+    reused by every layer, so nothing is allocated inside the layer loop.
+
+    q [n, T, D'], kt [n, T'/32, D', 32], vp [n, D'/32, T', 32], s [n, T, T'], o [n, T, D'], inv [n, T]
+    for n threads. Zeroed at creation: the kernel never writes the padding, so it stays zero.
+    """
+
+    def __init__(self, T, head_dim, n_threads=None):
+        n = n_threads or numba.config.NUMBA_NUM_THREADS
+        Dp, Tp = _whole_panels(head_dim), _whole_panels(T)
+        self.T, self.head_dim, self.n_threads = T, head_dim, n
+        z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
+        self.arrays = (z(n, T, Dp), z(n, Tp // PANEL, Dp, PANEL), z(n, Dp // PANEL, Tp, PANEL), z(n, T, Tp),
+                       z(n, T, Dp), z(n, T))
+
+
+def _whole_panels(n):
+    return (n + PANEL - 1) // PANEL * PANEL
+
+
 @njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
-def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
-    # qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or empty -> out [B, T, H];
-    # n_threads bounds numba.get_thread_id() and sizes the per-thread scratch
+def _attention_kernel(qkv, mask_add, n_heads, pos_bias, out, q_scratch, kt_scratch, vp_scratch, s_scratch,
+                      o_scratch, inv_scratch):
+    # qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or empty -> out [B, T, H], with the per-thread
+    # scratch of AttentionScratch (indexed by numba.get_thread_id())
     B, T, H3 = qkv.shape
     H = H3 // 3
     D = H // n_heads
-    Dp = (D + PANEL - 1) // PANEL * PANEL  # D' and T': whole panels
-    Tp = (T + PANEL - 1) // PANEL * PANEL
+    Dp = q_scratch.shape[2]  # D' and T': whole panels
+    Tp = s_scratch.shape[2]
     scale = np.float32(1.0 / math.sqrt(D))
     has_bias = pos_bias.shape[0] > 0
     no_bias = np.zeros((0, 0), dtype=np.float32)
-    # zeroed once: the padding is never written, so it stays zero for every task
-    q_scratch = np.zeros((n_threads, T, Dp), dtype=np.float32)
-    kt_scratch = np.zeros((n_threads, Tp // PANEL, Dp, PANEL), dtype=np.float32)
-    vp_scratch = np.zeros((n_threads, Dp // PANEL, Tp, PANEL), dtype=np.float32)
-    s_scratch = np.zeros((n_threads, T, Tp), dtype=np.float32)
-    o_scratch = np.zeros((n_threads, T, Dp), dtype=np.float32)
-    inv_scratch = np.zeros((n_threads, T), dtype=np.float32)
     for task in prange(B * n_heads):
         b = task // n_heads
         h = task % n_heads
@@ -191,11 +206,12 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, n_threads, out):
                 dst[q0 + d] = o[i, d] * inv[i]
 
 
-def attention(qkv, mask_add, n_heads, pos_bias=None, out=None):
+def attention(qkv, mask_add, n_heads, pos_bias=None, out=None, scratch=None):
     """qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or None -> [B, T, H], all float32.
 
     softmax(q k^T / sqrt(D) + pos_bias + mask_add) v per head, heads concatenated (see attention_reference).
-    A query whose keys are all -inf gets zeros. `out` [B, T, H] is written in place when given.
+    A query whose keys are all -inf gets zeros. `out` [B, T, H] is written in place when given; `scratch`
+    (an AttentionScratch for this T and head dim) is used instead of allocating one.
     """
     check_array("attention", "qkv", qkv, ndim=3)
     B, T, H3 = qkv.shape
@@ -211,6 +227,13 @@ def attention(qkv, mask_add, n_heads, pos_bias=None, out=None):
     out = output_array("attention", out, (B, T, H3 // 3))
     if np.may_share_memory(out, qkv):
         raise ValueError("attention: out overlaps qkv; pass a separate output array")
+    head_dim = H3 // 3 // n_heads
+    if scratch is None:
+        scratch = AttentionScratch(T, head_dim)
+    elif (scratch.T, scratch.head_dim) != (T, head_dim) or scratch.n_threads < numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"attention: scratch was made for T={scratch.T}, head dim {scratch.head_dim}, "
+                         f"{scratch.n_threads} threads; this call needs T={T}, head dim {head_dim}: "
+                         f"make one with AttentionScratch({T}, {head_dim})")
     if T > 0:
-        _attention_kernel(qkv, mask_add, int(n_heads), pos_bias, numba.config.NUMBA_NUM_THREADS, out)
+        _attention_kernel(qkv, mask_add, int(n_heads), pos_bias, out, *scratch.arrays)
     return out
