@@ -1,14 +1,15 @@
 """Fused multi-head scaled-dot-product attention over a packed QKV projection.
 
 One parallel task per (batch row, head), and both products are GEMMs on the matmul's register tiles
-(tiles.py). A task copies its head into per-thread scratch, zero-padded to whole 32-wide panels:
+(tiles.py). A task copies its head into per-thread scratch (AttentionScratch, made once per forward by
+the encoder), zero-padded to whole 32-wide panels:
     q  [T, D']          the queries, already multiplied by 1/sqrt(D)
     kt [T'/32, D', 32]  keys transposed into panels, so that s = q @ kt is the tiles' x @ panel
     vp [D'/32, T', 32]  values cut into panels of 32 dims, so that o = p @ vp likewise
 (D' and T' are D and T rounded up to 32.) Then: the scores s [T, T'] = q K^T; per row, mask + bias added
-and a max-subtracted exp (`exp32`), the row's 1/sum kept; o = p V; out = o * (1/sum). The [T, T] score
-block of one head is 64 KB at T = 128, so it stays in L2 between the two products. Zero-padded keys
-get probability exactly 0.
+and a max-subtracted exp (`exp32`; the row max with 16-lane SIMD max, simd.py), the row's 1/sum kept;
+o = p V; out = o * (1/sum). The [T, T] score block of one head is 64 KB at T = 128, so it stays in L2
+between the two products. Zero-padded keys get probability exactly 0.
 Keys whose score is more than 87 below the row's maximum get exactly 0 weight (every padding key under a
 mask of -inf, float32 min or -1e4; see `exp32`). `_attention_kernel_reference` is the same computation
 one query at a time, kept as the readable version and tested against this one.

@@ -5,11 +5,12 @@ panels [N/32, K, 32] (`pack_weight`), so that the GEMM's inner step reads 32 con
 A register tile (tiles.py) computes an 8 x 32 block of the output: for each k it broadcasts
 x[i..i+7, k], loads the panel's 32 weights at k into two 16-wide registers, and does 16 fused
 multiply-adds into 16 accumulator registers (2 x 32 tiles on CPUs without AVX-512, which have half the
-registers). Those 16 FMAs per 10 loads keep the FMA units busy,
-which the cache hierarchy allows because the work is cut into tasks of MB rows x GROUP panels: the
-group's panels (K x 128 floats) stay in L2 while row tiles stream past, and a tile's 8 rows of x stay
-in L1 while it visits the group's panels. Bias and GELU are applied to each task's block right after
-it is computed, while it is still in cache.
+registers). Those 16 FMAs per 10 loads keep the FMA units busy, which the caches allow because the work
+is cut into parallel tasks of MB rows x GROUP panels: the group's panels (K x 128 floats) stay in L2
+while row tiles stream past, and with K cut into chunks of 1024 a tile's 8 rows of x stay in L1 while
+it visits the group's panels. Bias and GELU are applied to each task's block right after it is
+computed, while it is still in cache. `linear_reference` is the plain NumPy definition every path is
+tested against.
 
 Backends: "numba" (the default) is this kernel. "blas" hands the product to numpy's BLAS (np.matmul) and
 applies bias and GELU in a Numba epilogue; "auto" uses BLAS for large products (M >= BLAS_MIN_ROWS) and the
@@ -26,6 +27,7 @@ from minislm.kernels.activations import gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
 from minislm.kernels.tiles import PANEL as NR  # output columns per panel and per register tile
 from minislm.kernels.tiles import rows_times_panels
+
 MB = 64             # rows of x per parallel task
 GROUP = 4           # panels per parallel task (128 output columns)
 GROUP_MIN_ROWS = 256  # below this many rows a task takes one panel, so small products still split
