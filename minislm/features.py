@@ -69,9 +69,12 @@ def length_batches(lengths, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def pooled_features(model, texts, max_len=128, batch_size=32):
-    """Pooled features [B, L+1, 2H] of texts, computed now (no cache), in length-sorted batches."""
-    rows = model.tokenizer.encode(texts, max_len)
+def pooled_features(model, texts, max_len=128, batch_size=32, rows=None):
+    """Pooled features [B, L+1, 2H] of texts, computed now (no cache), in length-sorted batches.
+
+    rows: the texts already tokenized by this model's tokenizer (then `texts` is not read)."""
+    if rows is None:
+        rows = model.tokenizer.encode(texts, max_len)
     out = np.zeros((len(rows), model.config.n_layers + 1, 2 * model.config.hidden), dtype=np.float32)
     for idx in length_batches([len(r) for r in rows], batch_size):
         ids, mask = model.tokenizer.pad([rows[i] for i in idx])

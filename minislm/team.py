@@ -237,15 +237,16 @@ class Team:
         """FLOPs per row [B] of gated mode: the lexical expert, the encoders the router chose, the head."""
         offsets, _ = self.lexical.bags(texts)
         cost = self.lexical.flops(offsets).astype(np.float64) + head_flops(self.router[0])
-        lengths = None
         for i, name in enumerate(self.router[0].experts):
             if name == LEXICAL:
                 continue
-            e = self.expert(name)
-            if lengths is None:
-                lengths = np.array([len(r) for r in e.tokenizer.encode(texts, self.cfg.max_len)])
-            cost += np.where(chosen[:, i], encoder_row_flops(e.config, lengths), 0.0)
+            lengths = self.token_lengths(name, texts)  # each expert's own tokenizer: MPNet's can differ
+            cost += np.where(chosen[:, i], encoder_row_flops(self.expert(name).config, lengths), 0.0)
         return cost
+
+    def token_lengths(self, name, texts):
+        """[B] tokens per text as expert `name` reads them (truncated to max_len)."""
+        return np.array([len(r) for r in self.expert(name).tokenizer.encode(texts, self.cfg.max_len)], dtype=np.int64)
 
     def predict_gated(self, texts):
         """Gated mode: the router reads the lexical expert, picks top-k experts per row, and only those run.
@@ -287,12 +288,9 @@ class Team:
         offsets, _ = self.lexical.bags(texts)
         cost = self.lexical.flops(offsets).astype(np.float64)
         out = [cost.copy()]
-        lengths = None
         for k, name in enumerate(self.cfg.experts[1:], start=1):
             c = self.expert(name).config
-            if lengths is None:
-                lengths = np.array([len(r) for r in self.expert(name).tokenizer.encode(texts, self.cfg.max_len)])
-            cost = cost + encoder_row_flops(c, lengths) + head_flops(self.tiers[k][0])
+            cost = cost + encoder_row_flops(c, self.token_lengths(name, texts)) + head_flops(self.tiers[k][0])
             out.append(cost.copy())
         return out
 
@@ -325,23 +323,23 @@ class Team:
         ledger.add("lexical", np.arange(B), self.lexical.flops(offsets))
         feats = {LEXICAL: self.standardized(LEXICAL, lexical_logprob(p))} if LEXICAL in self.stats else {}
         open_rows = np.arange(B)
-        lengths = None
         for k in range(0, last + 1):
             if k > 0:
                 name = cfg.experts[k]
                 e = self.expert(name)
-                if lengths is None:
-                    lengths = np.array([len(r) for r in e.tokenizer.encode(texts, cfg.max_len)])
-                step = encoder_row_flops(e.config, lengths[open_rows]) + head_flops(self.tiers[k][0])
+                token_rows = e.tokenizer.encode([texts[i] for i in open_rows], cfg.max_len)  # once per tier
+                lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
+                step = encoder_row_flops(e.config, lengths) + head_flops(self.tiers[k][0])
                 if max_flops is not None:  # rows that cannot afford this tier answer with the last one
                     over = ledger.per_row[open_rows] + step > max_flops
                     for r in open_rows[over]:
                         exit_tier[r] = k - 1
                         reason[r] = f"the next tier would exceed --max-flops {max_flops:.3g}"
                     step, open_rows = step[~over], open_rows[~over]
+                    token_rows = [row for row, dropped in zip(token_rows, over) if not dropped]
                     if len(open_rows) == 0:
                         break
-                X = features_lib.pooled_features(e, [texts[i] for i in open_rows], cfg.max_len)
+                X = features_lib.pooled_features(e, None, cfg.max_len, rows=token_rows)
                 full = np.zeros((B,) + X.shape[1:], dtype=np.float32)
                 full[open_rows] = self.standardized(name, X)
                 feats[name] = full

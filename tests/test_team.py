@@ -62,6 +62,25 @@ def test_batched_cascade_equals_the_simulation(team):
     assert (info0["exit_tier"] == 0).all() and info0["flops"].max() < 1e5
 
 
+def test_flops_count_each_expert_by_its_own_tokens(team, monkeypatch):
+    """MPNet's tokenizer may cut a text into more tokens than BERT's: each tier's FLOPs use its own count."""
+    from minislm.team import encoder_row_flops, head_flops
+
+    team, _ = team
+    test = toy(12, 5)
+    bert, mpnet = team.cfg.experts[1], team.cfg.experts[2]
+    tok = team.expert(mpnet).tokenizer
+    plain = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda texts, max_len: [r + r[1:-1] for r in plain(texts, max_len)])
+    n_bert, n_mpnet = team.token_lengths(bert, test.texts), team.token_lengths(mpnet, test.texts)
+    assert (n_mpnet > n_bert).all()
+    lexical, after_bert, after_mpnet = team.tier_flops(test.texts)
+    np.testing.assert_allclose(after_mpnet - after_bert, encoder_row_flops(team.expert(mpnet).config, n_mpnet)
+                               + head_flops(team.tiers[2][0]), rtol=1e-12)
+    _, info = team.predict_proba(test.texts, thresholds=[1.01, 1.01])  # every row through both encoders
+    np.testing.assert_allclose(info["flops"], after_mpnet, rtol=1e-12)
+
+
 def test_gated_mode_runs_only_the_chosen_experts(team):
     team, _ = team
     test = toy(30, 3)
