@@ -90,9 +90,12 @@ def settle(seconds=1.5):
     time.sleep(seconds)
 
 
-def gemm_rows(runs):
-    """Numba `linear` vs numpy BLAS (x @ w.T + b) on every matmul shape of the three experts; all Numba
-    timings first, then all BLAS ones, so BLAS's spinning threads never overlap a Numba timing."""
+def gemm_rows(runs, rounds=3):
+    """Numba `linear` vs numpy BLAS (x @ w.T + b) on every matmul shape of the three experts.
+
+    Shape by shape, in `rounds` passes: Numba timed, BLAS timed, then a pause so BLAS's spinning threads
+    never overlap a Numba timing. Alternating in rounds spreads the shared machine's slow and fast spells
+    over both engines; each figure is the median over all rounds' runs."""
     import numpy as np
 
     from minislm.kernels import linear, pack_weight
@@ -100,17 +103,17 @@ def gemm_rows(runs):
     rng = np.random.default_rng(0)
     shapes = [(32 * 128, K, N) for K, N in ((384, 1152), (384, 384), (384, 1536), (1536, 384),
                                             (768, 2304), (768, 768), (768, 3072), (3072, 768))]
-    data = []
-    for M, K, N in shapes:
-        data.append((rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((N, K), dtype=np.float32),
-                     rng.standard_normal(N, dtype=np.float32), np.empty((M, N), dtype=np.float32)))
-    # the weight packed once, as the encoder does at load; BLAS gets the same y = x @ w.T + b into `out`
-    t_numba = [median_seconds(lambda: linear(x, pw, b, out=out, backend="numba"), runs)
-               for x, pw, b, out in ((x, pack_weight(w), b, out) for x, w, b, out in data)]
-    t_blas = [median_seconds(lambda: np.add(np.matmul(x, w.T, out=out), b, out=out), runs) for x, w, b, out in data]
-    settle()
     rows = []
-    for (M, K, N), tn, tb in zip(shapes, t_numba, t_blas):
+    for M, K, N in shapes:
+        x, w = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((N, K), dtype=np.float32)
+        b, out = rng.standard_normal(N, dtype=np.float32), np.empty((M, N), dtype=np.float32)
+        packed = pack_weight(w)  # packed once, as the encoder does when it loads
+        t_numba, t_blas = [], []
+        for _ in range(rounds):
+            t_numba.append(median_seconds(lambda: linear(x, packed, b, out=out, backend="numba"), runs))
+            t_blas.append(median_seconds(lambda: np.add(np.matmul(x, w.T, out=out), b, out=out), runs))
+            settle()
+        tn, tb = float(np.median(t_numba)), float(np.median(t_blas))
         gf = 2 * M * K * N / 1e9
         rows.append({"M": M, "K": K, "N": N, "numba_gflops": gf / tn, "blas_gflops": gf / tb, "ratio": tb / tn})
     return rows
