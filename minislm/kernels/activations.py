@@ -76,7 +76,8 @@ def _float32_from_bits(typingctx, bits):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+        low = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
 
     return types.float32(bits), codegen
 
@@ -95,7 +96,8 @@ def exp32(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    y = p * _float32_from_bits((np.int64(n) + 127) << 23)  # 2^n: biased exponent in bits 23..30
+    # 2^n: biased exponent in bits 23..30, in int32 so a vector holds 16 lanes (int64 would halve it)
+    y = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
     return y if x >= np.float32(_EXP_MIN) else np.float32(0.0)
 
 

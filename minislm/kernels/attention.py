@@ -183,21 +183,23 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, out, q_scratch, kt_scrat
         k0 = H + h * D
         v0 = 2 * H + h * D
         tokens = qkv[b]
+        # (slices first, so every index starts at 0: LLVM then emits plain vector loads and stores)
         for j in range(T):  # queries and values: contiguous row copies
-            src = tokens[j]
-            q_row = q[j]
+            q_src, q_row = tokens[j, q0:q0 + D], q[j]
             for d in range(D):
-                q_row[d] = src[q0 + d] * scale
+                q_row[d] = q_src[d] * scale
             for p in range(Dp // PANEL):
-                v_row = vp[p, j]
-                for dd in range(min(PANEL, D - p * PANEL)):
-                    v_row[dd] = src[v0 + p * PANEL + dd]
+                width = min(PANEL, D - p * PANEL)
+                v_src, v_row = tokens[j, v0 + p * PANEL:v0 + p * PANEL + width], vp[p, j]
+                for dd in range(width):
+                    v_row[dd] = v_src[dd]
         for p in range(Tp // PANEL):  # keys, transposed one panel of 32 keys at a time (an 8 KB block at D=64)
-            kt_panel = kt[p]
+            n_keys = min(PANEL, T - p * PANEL)
+            keys, kt_panel = tokens[p * PANEL:p * PANEL + n_keys, k0:k0 + D], kt[p]
             for d in range(D):
                 dst = kt_panel[d]
-                for jj in range(min(PANEL, T - p * PANEL)):
-                    dst[jj] = tokens[p * PANEL + jj, k0 + d]
+                for jj in range(n_keys):
+                    dst[jj] = keys[jj, d]
         rows_times_panels(q, kt, s, 0, T, 0, Tp // PANEL)          # s [T, T'] = q K^T
         _softmax_rows(s, mask_add[b], pos_bias[h] if has_bias else no_bias, T, inv)
         rows_times_panels(s, vp, o, 0, T, 0, Dp // PANEL)          # o [T, D'] = p V
