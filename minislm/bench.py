@@ -224,6 +224,7 @@ def encoder_rows(names, runs, refs, threads, log):
                 feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
                 engines["onnxruntime"] = lambda: sess.run(None, feed)
                 row[f"max_abs_diff_vs_onnxruntime_{label}"] = float(np.abs(sess.run(None, feed)[0] - ours).max())
+            default = matmul.BACKEND
 
             def blas_dispatch():
                 matmul.BACKEND = "auto"  # large products on numpy's BLAS, for comparison
@@ -231,7 +232,6 @@ def encoder_rows(names, runs, refs, threads, log):
                     expert.encoder.forward(ids, mask)
                 finally:
                     matmul.BACKEND = default
-            default = matmul.BACKEND
             engines["minislm_blas_dispatch"] = blas_dispatch
             for eng, secs in interleaved(engines, runs).items():
                 row[f"{eng}_{label}_s"] = secs

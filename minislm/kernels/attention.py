@@ -23,7 +23,7 @@ from numba import njit, prange
 from minislm.kernels.activations import SOFTMAX_FASTMATH, exp32, softmax_reference
 from minislm.kernels.checks import check_array, output_array
 from minislm.kernels.simd import LANES, hmax16, load16, max16
-from minislm.kernels.tiles import PANEL, rows_times_panels
+from minislm.kernels.tiles import PANEL, rows_times_panels, whole_panels
 
 _NO_BIAS = np.zeros((0, 0, 0), dtype=np.float32)
 
@@ -149,15 +149,11 @@ class AttentionScratch:
 
     def __init__(self, T, head_dim, n_threads=None):
         n = n_threads or numba.config.NUMBA_NUM_THREADS
-        Dp, Tp = _whole_panels(head_dim), _whole_panels(T)
+        Dp, Tp = whole_panels(head_dim), whole_panels(T)
         self.T, self.head_dim, self.n_threads = T, head_dim, n
         z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
         self.arrays = (z(n, T, Dp), z(n, Tp // PANEL, Dp, PANEL), z(n, Dp // PANEL, Tp, PANEL), z(n, T, Tp),
                        z(n, T, Dp), z(n, T))
-
-
-def _whole_panels(n):
-    return (n + PANEL - 1) // PANEL * PANEL
 
 
 @njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)

@@ -26,7 +26,7 @@ from numba import njit, prange
 from minislm.kernels.activations import gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
 from minislm.kernels.tiles import PANEL as NR  # output columns per panel and per register tile
-from minislm.kernels.tiles import rows_times_panels
+from minislm.kernels.tiles import rows_times_panels, whole_panels
 
 MB = 64             # rows of x per parallel task
 GROUP = 4           # panels per parallel task (128 output columns)
@@ -67,7 +67,7 @@ class PackedWeight:
     def __init__(self, w):
         check_array("pack_weight", "w", w, ndim=2)
         self.n, self.k = w.shape
-        n_panels = -(-self.n // NR)
+        n_panels = whole_panels(self.n) // NR
         padded = np.zeros((n_panels * NR, self.k), dtype=np.float32)
         padded[:self.n] = w
         self.panels = np.ascontiguousarray(padded.reshape(n_panels, NR, self.k).transpose(0, 2, 1))
@@ -142,12 +142,7 @@ def _bias_gelu_kernel(out, b, gelu):
     # out [M, N] += b [N] (when non-empty), then GELU in place: the epilogue of the BLAS backend
     M, N = out.shape
     for i in prange(M):
-        row = out[i]
-        for j in range(N):
-            v = row[j]
-            if b.shape[0] > 0:
-                v += b[j]
-            row[j] = gelu32(v) if gelu else v
+        _epilogue(out, b, gelu, i, i + 1, 0, N)
 
 
 def linear(x, w, b=None, gelu=False, out=None, backend=None):

@@ -29,6 +29,11 @@ TILE_ROWS = 8 if vector_width_bits() >= 512 else 2    # rows per tile on this CP
 K_CHUNK = 1024                                        # contraction chunk (see rows_times_panels)
 
 
+def whole_panels(n):
+    """n rounded up to a multiple of PANEL: the padded width of n columns, keys or head dims."""
+    return -(-n // PANEL) * PANEL
+
+
 @njit(cache=True)  # a real call, not inlined: compiled once for the GEMM and both products of attention
 def rows_times_panels(x, panels, out, i0, i1, p0, p1):
     """out[i0:i1, 32p:32p+32] = x[i0:i1] @ panels[p] for p in [p0, p1); x [M, K], panels [P, K, 32].
