@@ -121,11 +121,27 @@ def gelu(x, out=None):
     return out
 
 
+# FLOPs per element (FLOP = 2 x multiply-add, counted as in flops.py): what each op spends.
+GELU_FLOPS_PER_ELEM = 8      # x/sqrt(2), erf (polynomial counted as 5), 1 +, * 0.5 x
+SOFTMAX_FLOPS_PER_ELEM = 5   # max-compare, subtract, exp, add to the sum, divide
+
+
+def log_softmax_np(x, axis=-1):
+    """[..., K] -> [..., K] log-softmax in plain NumPy, any float dtype: max-subtracted for stability.
+    The one softmax of the package's NumPy code (heads, gates, losses, the lexical expert)."""
+    z = x - x.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def softmax_np(x, axis=-1):
+    """[..., K] -> [..., K] softmax in plain NumPy, any float dtype."""
+    z = np.exp(x - x.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)
+
+
 def softmax_reference(x):
-    """[..., K] -> [..., K] along the last axis, max-subtracted for stability."""
-    z = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    """[..., K] -> [..., K] float32: the reference the Numba kernel is tested against."""
+    return softmax_np(x).astype(np.float32)
 
 
 @njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from minislm.kernels.activations import SOFTMAX_FASTMATH, exp32, softmax_reference
+from minislm.kernels.activations import SOFTMAX_FASTMATH, SOFTMAX_FLOPS_PER_ELEM, exp32, softmax_reference
 from minislm.kernels.checks import check_array, output_array
 from minislm.kernels.simd import LANES, hmax16, load16, max16
 from minislm.kernels.tiles import PANEL, rows_times_panels, whole_panels
@@ -236,3 +236,14 @@ def attention(qkv, mask_add, n_heads, pos_bias=None, out=None, scratch=None):
     if T > 0:
         _attention_kernel(qkv, mask_add, int(n_heads), pos_bias, out, *scratch.arrays)
     return out
+
+
+SCORE_FLOPS_PER_ELEM = 2  # scale by 1/sqrt(D), add the mask (MPNet adds its position bias too: +1)
+
+
+def attention_flops(B, T, n_heads, head_dim, position_bias=False):
+    """attention() on [B, T]: the products q k^T [T, D] x [D, T] and p v [T, T] x [T, D] per (row, head),
+    plus the softmax and the scaling / masking of every score -> {"matmul", "other"}."""
+    scores = B * n_heads * T * T
+    per_score = SOFTMAX_FLOPS_PER_ELEM + SCORE_FLOPS_PER_ELEM + (1 if position_bias else 0)
+    return {"matmul": B * n_heads * 2 * (2 * T * head_dim * T), "other": scores * per_score}

@@ -23,7 +23,7 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from minislm.kernels.activations import gelu32, gelu_reference
+from minislm.kernels.activations import GELU_FLOPS_PER_ELEM, gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
 from minislm.kernels.tiles import PANEL as NR  # output columns per panel and per register tile
 from minislm.kernels.tiles import rows_times_panels, whole_panels
@@ -175,3 +175,14 @@ def linear(x, w, b=None, gelu=False, out=None, backend=None):
     elif M and N:
         _linear_kernel(x, pack_weight(w).panels, N, b, bool(gelu), out)
     return out
+
+
+def matmul_flops(M, K, N):
+    """[M, K] x [K, N]: 2 M K N (one multiply-add = 2 FLOPs)."""
+    return 2 * M * K * N
+
+
+def linear_flops(M, K, N, bias=True, gelu=False):
+    """linear() on M rows -> {"matmul": 2 M K N, "other": the bias add and the GELU epilogue}."""
+    other = (M * N if bias else 0) + (GELU_FLOPS_PER_ELEM * M * N if gelu else 0)
+    return {"matmul": matmul_flops(M, K, N), "other": other}

@@ -59,3 +59,11 @@ def layer_norm(x, gamma, beta, eps, residual=None, out=None):
     _layer_norm_kernel(x, x if residual is None else residual, residual is not None, gamma, beta,
                        float(eps), out)
     return out
+
+
+LAYER_NORM_FLOPS_PER_ELEM = 8  # mean (add), centre (sub), square, variance (add), rsqrt-scale (mul), gamma, beta
+
+
+def layer_norm_flops(M, H, residual=True):
+    """FLOPs of layer_norm on [M, H] (the residual add, when fused, is one more per element)."""
+    return LAYER_NORM_FLOPS_PER_ELEM * M * H + (M * H if residual else 0)
