@@ -2,15 +2,16 @@
 
 Shape letters, used in every signature and shape comment of the package:
     B batch, T tokens, H hidden width, N attention heads, D head dim (or a common width),
-    L layers, E experts, C classes, V vocabulary, F feed-forward width, M rows of a matmul.
+    L layers, E experts, C classes, V vocabulary, F feed-forward width, M rows of a matmul, K contraction.
 
-Layers, from bottom to top:
-    kernels/      Numba kernels, each beside its plain NumPy reference
-    encoder.py    BERT and MPNet encoders built on the kernels; experts.py loads them with their tokenizer
-    weights.py    fetch, verify, convert and place the pretrained experts
-    lexical.py    the hashed n-gram expert; features.py caches the encoders' pooled layers
+Layers, from bottom to top (nothing imports upward; tests/test_architecture.py checks it):
+    numba_setup.py, atomic.py, flops.py, data.py   set-up, atomic files, the FLOP ledger, datasets
+    kernels/      Numba kernels, each beside its plain NumPy reference, each owning its FLOP formula
+    encoder/      config, checked Hugging Face folder, tokenizer, pooling, BERT and MPNet on the kernels
+    experts/      registry and integrity of the pretrained experts, fetch + conversion, loading, features,
+                  the lexical expert
     collab/       layer mix, gates, fusions, heads, losses, optimiser: forward + hand-written backward
-    team.py       staged training and cascade inference of the whole team; checkpoint.py saves it
+    team/         config, staged training, cascade inference, checkpoint format
     train.py, classify.py, experiments.py, bench.py, weights.py, embed.py: the command-line tools
 
     from minislm import Team
@@ -24,6 +25,6 @@ numba_setup.prefer_512_bit_vectors()  # before any @njit function exists (see nu
 __version__ = "0.1.0"
 
 from minislm.experts import load_expert  # noqa: E402
-from minislm.team import Team  # noqa: E402
+from minislm.team import Team, TeamConfig, train_team  # noqa: E402
 
-__all__ = ["Team", "load_expert"]
+__all__ = ["Team", "TeamConfig", "load_expert", "train_team"]

@@ -224,18 +224,11 @@ def encoder_rows(names, runs, refs, threads, log):
                 feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
                 engines["onnxruntime"] = lambda: sess.run(None, feed)
                 row[f"max_abs_diff_vs_onnxruntime_{label}"] = float(np.abs(sess.run(None, feed)[0] - ours).max())
-            default = matmul.BACKEND
-
-            def blas_dispatch():
-                matmul.BACKEND = "auto"  # large products on numpy's BLAS, for comparison
-                try:
-                    expert.encoder.forward(ids, mask)
-                finally:
-                    matmul.BACKEND = default
-            engines["minislm_blas_dispatch"] = blas_dispatch
+            blas_encoder = expert.encoder.with_backend("auto")  # large products on numpy's BLAS, for comparison
+            engines["minislm_blas_dispatch"] = lambda: blas_encoder.forward(ids, mask)
             for eng, secs in interleaved(engines, runs).items():
                 row[f"{eng}_{label}_s"] = secs
-        row["matmul_backend"] = matmul.BACKEND
+        row["matmul_backend"] = matmul.resolve_backend(32 * 128, expert.encoder.matmul_backend)
         row["minislm_seq_per_s"] = 32 / row["minislm_b32_t128_s"]
         row["minislm_blas_dispatch_seq_per_s"] = 32 / row["minislm_blas_dispatch_b32_t128_s"]
         for eng in ("torch", "onnxruntime"):
@@ -265,7 +258,7 @@ if engine == "minislm":
 else:
     import torch
     from transformers import AutoModel
-    from minislm.weights import expert_dir
+    from minislm.experts.registry import expert_dir
     torch.set_num_threads(int(sys.argv[3]))
     model = AutoModel.from_pretrained(expert_dir(name), attn_implementation="eager", dtype=torch.float32).eval()
     def run():
@@ -304,7 +297,8 @@ def workload_rows(names, n_rows, refs, log):
     """docs/s of pooled features (every layer, mean + CLS) over AG News test texts, real lengths, max_len 128."""
     import numpy as np
 
-    from minislm import data, features
+    from minislm import data
+    from minislm.experts import features
     from minislm.experts import load_expert
 
     texts = data.load("ag_news", "test").texts[:n_rows]
@@ -404,10 +398,10 @@ def main(argv=None):
         env = {k: v for k, v in os.environ.items() if k not in BLAS_VARS}
         env["MINISLM_BENCH_REMOVED"] = ",".join(f"{k}={os.environ[k]}" for k in BLAS_VARS if k in os.environ)
         os.execve(sys.executable, [sys.executable, "-m", "minislm.bench", *argv], env)  # numpy not imported yet
-    from minislm import weights
+    from minislm.experts import registry
 
     ap = argparse.ArgumentParser(prog="python -m minislm.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--experts", nargs="+", default=list(weights.EXPERTS))
+    ap.add_argument("--experts", nargs="+", default=list(registry.EXPERTS))
     ap.add_argument("--runs", type=int, default=7, help="timed runs per measurement (the median is kept)")
     ap.add_argument("--out", help="write JSON here and a Markdown table beside it (.md)")
     ap.add_argument("--workload", action="store_true", help="also time feature extraction on AG News test texts")

@@ -3,17 +3,21 @@
 Texts come from the arguments, from --file (one text per line, or a column of a CSV / Parquet / JSONL file),
 or from standard input. Every text starts at the near-free lexical tier and escalates to bigger experts only
 while the answer is not confident enough, so easy texts cost almost nothing.
-Exit codes: 0 ok, 2 usage or input errors, 1 other failures.
+
+Answers stream: texts are read and classified --batch-size at a time and each batch's answers are printed,
+in input order, as soon as it is done, so Ctrl-C or a closed pipe (`| head`) keeps every answer printed.
+Exit codes: 0 ok, 2 usage or input errors, 1 other failures, 130 interrupted.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ag_news"
-MAX_TEXT_CHARS = 100_000   # longer lines are cut here (the encoders read at most max_len tokens anyway)
+MAX_TEXT_CHARS = 100_000   # longer texts are cut here (the encoders read at most max_len tokens anyway)
 TABULAR = (".csv", ".parquet", ".jsonl", ".json")
 
 
@@ -21,83 +25,125 @@ class InputError(Exception):
     """Bad input from the user: reported in one line with exit code 2."""
 
 
-def read_lines(path):
-    """A text file -> (texts, notes): one text per non-empty line; invalid UTF-8 or binary data is refused."""
+def _check_text_file(path):
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{path} is a directory; pass a file with one text per line")
     try:
-        raw = p.read_bytes()
+        with open(p, "rb") as f:
+            head = f.read(8192)
     except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror}") from e
-    if b"\x00" in raw[:8192]:
+        raise InputError(f"cannot read {path}: {e.strerror}; check the path") from e
+    if b"\x00" in head:
         raise InputError(f"{path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
-    return text.splitlines()
 
 
-def read_table(path, column):
-    from minislm import data
+def _decoded_lines(stream, what):
+    """Binary line stream -> str lines (no newline), refusing invalid UTF-8 with its line number."""
+    for n, raw in enumerate(stream, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{what} is not valid UTF-8 (line {n}, byte {e.start}); re-save it as UTF-8") from e
 
-    try:
-        ds = data.load_file(path, text_column=column, label_column=column)
-    except (data.DataError, FileNotFoundError) as e:
-        raise InputError(str(e)) from e
-    return ds.texts
 
-
-def gather(args):
-    """-> list of (text or None for a line that cannot be classified, note)."""
+def text_source(args):
+    """-> an iterator of raw texts (None for an empty table cell), read lazily."""
     if args.file:
         if Path(args.file).suffix.lower() in TABULAR and not Path(args.file).is_dir():
-            lines = read_table(args.file, args.column)
+            from minislm import data
+
+            try:
+                return iter(data.read_column(args.file, args.column))
+            except data.DataError as e:
+                raise InputError(str(e)) from e
+        _check_text_file(args.file)
+        f = open(args.file, "rb")  # noqa: SIM115 (closed at exit; read lazily so answers stream)
+        return _decoded_lines(f, args.file)
+    if args.texts:
+        return iter(args.texts)
+    if not sys.stdin.isatty():
+        return _decoded_lines(sys.stdin.buffer, "standard input")
+    raise InputError('no text given: pass texts as arguments, --file PATH, or pipe them in '
+                     '(python -m minislm.classify "Stocks rallied on Wall Street")')
+
+
+def items(texts):
+    """Raw texts -> (text or None when it cannot be classified, note) per input row, lazily."""
+    for t in texts:
+        if t is None or not t.strip():
+            yield None, "empty text: nothing to classify"
+        elif len(t) > MAX_TEXT_CHARS:
+            yield t[:MAX_TEXT_CHARS], f"cut to its first {MAX_TEXT_CHARS:,} characters"
         else:
-            lines = read_lines(args.file)
-    elif args.texts:
-        lines = args.texts
-    elif not sys.stdin.isatty():
-        try:
-            lines = sys.stdin.buffer.read().decode("utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise InputError(f"standard input is not valid UTF-8 (byte {e.start})") from e
-    else:
-        raise InputError('no text given: pass texts as arguments, --file PATH, or pipe them in '
-                         '(python -m minislm.classify "Stocks rallied on Wall Street")')
-    items = []
-    for line in lines:
-        if not line.strip():
-            items.append((None, "empty line: nothing to classify"))
-        elif len(line) > MAX_TEXT_CHARS:
-            items.append((line[:MAX_TEXT_CHARS], f"cut to its first {MAX_TEXT_CHARS:,} characters"))
-        else:
-            items.append((line, ""))
-    if not any(t is not None for t, _ in items):
-        raise InputError("every input line is empty: nothing to classify")
-    return items
+            yield t, ""
+
+
+def chunks(it, n):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def load_team(path):
-    """Checkpoint folder -> Team, fetching the pretrained encoders it needs on first use (they are never
-    committed; the lexical expert reads all-MiniLM-L6-v2's WordPiece vocabulary)."""
-    from minislm import weights
-    from minislm.checkpoint import CheckpointError, load, read_meta
+    """Checkpoint folder -> Team, fetching (or repairing) the pretrained encoders it needs on first use."""
+    from minislm.experts import fetch, registry
+    from minislm.team import CheckpointError, Team
 
     try:
-        meta = read_meta(path)
-        needed = [e for e in meta["config"]["experts"] if e in weights.EXPERTS] + ["all-MiniLM-L6-v2"]
-        for name in dict.fromkeys(needed):
-            if not weights.is_prepared(weights.weights_dir() / name):
-                print(f"fetching {name} (first use) ...", file=sys.stderr)
-                weights.fetch([name], progress=lambda s: print(s, file=sys.stderr))
-        return load(path)
+        for name in Team.experts_needed(path):
+            now = registry.state(registry.weights_dir() / name)
+            if now != "prepared":
+                print(f"fetching {name} ({'first use' if now == 'missing' else now}) ...", file=sys.stderr)
+                fetch.fetch([name], progress=lambda s: print(s, file=sys.stderr))
+        return Team.load(path)
     except CheckpointError as e:
         raise InputError(str(e)) from e
 
 
-def main(argv=None):
+def check_numbers(args, team):
+    last = len(team.cfg.experts) - 1
+    if args.tier is not None and not 0 <= args.tier <= last:
+        raise InputError(f"--tier must be from 0 to {last} for this team (tiers: "
+                         f"{', '.join(f'{k} {e}' for k, e in enumerate(team.cfg.experts))}), got {args.tier}")
+    if args.max_flops is not None and not (math.isfinite(args.max_flops) and args.max_flops > 0):
+        raise InputError(f"--max-flops must be a positive number of FLOPs per text, got {args.max_flops}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def answer_batch(team, batch, args):
+    """[(text or None, note)] -> list of output dicts, in order."""
+    texts = [t for t, _ in batch if t is not None]
+    t0 = time.perf_counter()
+    probs, info = (team.predict_proba(texts, max_tier=args.tier, max_flops=args.max_flops, explain=args.explain)
+                   if texts else (None, None))
+    ms = 1000 * (time.perf_counter() - t0)
+    names, out, j = team.cfg.label_names, [], 0
+    for text, note in batch:
+        if text is None:
+            out.append({"text": "", "error": note})
+            continue
+        k = int(info["exit_tier"][j])
+        row = {"text": text, "label": names[int(probs[j].argmax())],
+               "probabilities": {n: round(float(p), 4) for n, p in zip(names, probs[j])},
+               "exit_tier": k, "experts": info["experts"][j], "flops": float(info["flops"][j]),
+               "batch_ms": round(ms, 2), "batch_rows": len(texts), "reason": info["reason"][j]}
+        if note:
+            row["note"] = note
+        if args.explain:
+            row["explain"] = info["explain"][j]
+        out.append(row)
+        j += 1
+    return out
+
+
+def parser():
     ap = argparse.ArgumentParser(prog="python -m minislm.classify", description=__doc__.splitlines()[0])
     ap.add_argument("texts", nargs="*", help="texts to classify")
     ap.add_argument("--file", help="one text per line, or a CSV / Parquet / JSONL file (see --column)")
@@ -107,18 +153,45 @@ def main(argv=None):
     ap.add_argument("--explain", action="store_true", help="show gate / fusion weights, the tier reached and why")
     ap.add_argument("--tier", type=int, help="run at most this tier (0 = lexical only)")
     ap.add_argument("--max-flops", type=float, help="FLOP budget per text")
+    ap.add_argument("--batch-size", type=int, default=64, help="texts classified (and printed) together")
+    return ap
+
+
+def main(argv=None):
     try:
-        args = ap.parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as e:
         return 2 if e.code else 0
+    answered = 0
     try:
-        items = gather(args)
         team = load_team(args.model)
-        texts = [t for t, _ in items if t is not None]
-        t0 = time.perf_counter()
-        probs, info = team.predict_proba(texts, max_tier=args.tier, max_flops=args.max_flops, explain=args.explain)
-        ms = 1000 * (time.perf_counter() - t0)
+        check_numbers(args, team)
+        held, any_text, seen = [], False, 0  # skipped rows wait until a real text shows the input is usable
+        for batch in chunks(items(text_source(args)), args.batch_size):
+            seen += len(batch)
+            any_text = any_text or any(t is not None for t, _ in batch)
+            held += answer_batch(team, batch, args)
+            if any_text:
+                for out in held:
+                    print(json.dumps(out, ensure_ascii=False) if args.json else human(out, args.explain))
+                    answered += 1
+                held = []
+                sys.stdout.flush()
+        if not seen:
+            raise InputError("the input is empty: nothing to classify")
+        if not any_text:
+            raise InputError(f"every input text ({seen}) is empty: nothing to classify")
     except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted after {answered} answers (every answer printed above is complete)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        print(f"output closed after {answered} answers", file=sys.stderr)
+        return 0
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # anything else: one line, no traceback (MINISLM_DEBUG=1 shows it)
@@ -126,23 +199,6 @@ def main(argv=None):
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    names = team.cfg.label_names
-    j = 0
-    for text, note in items:
-        if text is None:
-            out = {"text": "", "error": note}
-        else:
-            k = int(info["exit_tier"][j])
-            out = {"text": text, "label": names[int(probs[j].argmax())],
-                   "probabilities": {n: round(float(p), 4) for n, p in zip(names, probs[j])},
-                   "exit_tier": k, "experts": info["experts"][j], "flops": float(info["flops"][j]),
-                   "latency_ms": round(ms / max(1, len(texts)), 2), "reason": info["reason"][j]}
-            if note:
-                out["note"] = note
-            if args.explain:
-                out["explain"] = info["explain"][j]
-            j += 1
-        print(json.dumps(out, ensure_ascii=False) if args.json else human(out, args.explain))
     return 0
 
 

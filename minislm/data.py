@@ -57,7 +57,7 @@ def search_dirs(data_dir=None):
     if data_dir:
         return [Path(data_dir)]
     dirs = [Path(os.environ["MINISLM_DATA_DIR"])] if os.environ.get("MINISLM_DATA_DIR") else []
-    return dirs + [REPO / "data", REPO.parent / "shared" / "data", Path("/work/shared/data")]
+    return dirs + [REPO / "data", REPO.parent / "shared" / "data"]
 
 
 def check_labels(labels, label_names, source):
@@ -120,44 +120,177 @@ def load(name, split, data_dir=None):
                         f"{name}/{split}.parquet and labels.json, or go online") from e
 
 
-def load_file(path, text_column="text", label_column="label", label_names=None):
-    """A user's CSV / Parquet / JSONL file -> TextDataset. String labels become ids (sorted, or in the order
-    of label_names); integer labels must lie in 0..len(label_names)-1 when names are given."""
+READERS = (".csv", ".parquet", ".jsonl", ".json")
+
+
+def _read_table(path):
+    """A CSV / Parquet / JSONL file -> datasets.Dataset, or a DataError naming the problem."""
     from datasets import Dataset
 
     path = Path(path)
     readers = {".csv": Dataset.from_csv, ".parquet": Dataset.from_parquet, ".jsonl": Dataset.from_json,
                ".json": Dataset.from_json}
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a CSV, Parquet or JSONL file")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise DataError(f"{path} does not exist; check the path")
     if path.suffix.lower() not in readers:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl")
     try:
-        ds = readers[path.suffix.lower()](str(path))
-    except Exception as e:
-        if "no data" in str(e) or path.stat().st_size == 0:  # datasets' words for a file without rows
-            raise DataError(f"{path}: the dataset is empty; it needs at least one labelled row") from e
-        raise DataError(f"{path} could not be read as {path.suffix[1:]} ({type(e).__name__}: {e})") from e
-    for col, what in ((text_column, "text"), (label_column, "label")):
-        if col not in ds.column_names:
-            raise DataError(f"{path}: no {what} column {col!r} (columns: {', '.join(ds.column_names)}); "
-                            f"name it with --{what}-column")
+        ds = _read_csv(path) if path.suffix.lower() == ".csv" else readers[path.suffix.lower()](str(path))
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs the file's problem, not the library's
+        if "no data" in str(e) or path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty; it needs at least one row") from e
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} could not be read as {path.suffix[1:]} ({first}); check the file's format") from e
     if len(ds) == 0:
-        raise DataError(f"{path}: the dataset is empty; it needs at least one labelled row")
-    raw = list(ds[label_column])
+        raise DataError(f"{path}: the file has no rows; it needs at least one")
+    return ds
+
+
+def _read_csv(path):
+    """A CSV file -> datasets.Dataset of string columns (every cell as written: "1e308" stays text, an empty
+    cell is None), read with the standard library so no column is guessed to be a number."""
+    import csv
+
+    from datasets import Dataset
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
+    except csv.Error as e:
+        raise DataError(f"{path} is not a readable CSV file ({e})") from e
+    if not rows or not rows[0]:
+        raise DataError(f"{path}: the file is empty; it needs a header row and at least one row")
+    header, body = rows[0], rows[1:]
+    cols = {name: [r[i] if i < len(r) and r[i] != "" else None for r in body] for i, name in enumerate(header)}
+    return Dataset.from_dict(cols)
+
+
+def _need_column(ds, path, column, flag):
+    if column not in ds.column_names:
+        raise DataError(f"{path}: no column {column!r} (columns: {', '.join(ds.column_names)}); name the right "
+                        f"one with {flag}")
+
+
+def read_column(path, column="text", flag="--column"):
+    """The text column of a table -> list of B str, None where a cell is empty (never parsed as labels)."""
+    ds = _read_table(path)
+    _need_column(ds, path, column, flag)
+    return [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in ds[column]]
+
+
+def _is_number(v):
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def map_labels(raw, label_names=None, source="labels"):
+    """Raw labels [B] -> (ids [B] int64, label names), by one rule:
+    - whole numbers (ints, or floats like 3.0) with label_names: ids as given, each in 0..C-1;
+      without label_names: the distinct values in sorted order become 0..C-1, named by their value;
+    - strings that all read as numbers (a CSV's "3") are numbers;
+    - other strings: stripped of surrounding spaces; with label_names in that order, else sorted; two spellings
+      that differ only in case are refused rather than silently made two classes;
+    - anything else (missing values, fractions, mixed types, booleans) is refused, naming the row."""
+    for i, v in enumerate(raw):
+        if v is None or (isinstance(v, float) and v != v):
+            raise DataError(f"{source}: row {i} has no label; label every row or drop it")
+        if isinstance(v, bool):
+            raise DataError(f"{source}: row {i} has the boolean label {v!r}; use class names or whole numbers")
+    if all(isinstance(v, str) for v in raw) and all(_is_number(v) for v in raw):
+        raw = [float(v) for v in raw]  # "3" and "3.0" in a CSV are the number 3
     if all(isinstance(v, str) for v in raw):
-        names = list(label_names) if label_names else sorted(set(raw))
+        vals = [v.strip() for v in raw]
+        names = [str(n).strip() for n in label_names] if label_names else sorted(set(vals))
+        folded = {}
+        for n in set(vals) | set(names):
+            folded.setdefault(n.casefold(), set()).add(n)
+        clash = next((sorted(v) for v in folded.values() if len(v) > 1), None)
+        if clash:
+            raise DataError(f"{source}: labels {clash} differ only in case; spell each class one way")
         index = {n: i for i, n in enumerate(names)}
-        unknown = [v for v in raw if v not in index]
-        if unknown:
-            raise DataError(f"{path}: label {unknown[0]!r} is not one of the known labels ({', '.join(names)})")
-        labels = [index[v] for v in raw]
-    else:
-        labels = raw
-        names = list(label_names) if label_names else [str(i) for i in range(int(max(raw)) + 1)]
+        unknown = next((v for v in vals if v not in index), None)
+        if unknown is not None:
+            raise DataError(f"{source}: label {unknown!r} is not one of the known labels ({', '.join(names)})")
+        return np.array([index[v] for v in vals], dtype=np.int64), names
+    if any(isinstance(v, str) for v in raw):
+        i = next(i for i, v in enumerate(raw) if not isinstance(v, str))
+        raise DataError(f"{source}: labels mix text and numbers (row {i}: {raw[i]!r}); use one kind")
+    try:
+        vals = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{source}: labels must be class names or whole numbers ({e})") from e
+    bad = np.flatnonzero(~np.isfinite(vals) | (vals != np.round(vals)))
+    if len(bad):
+        raise DataError(f"{source}: row {bad[0]} has the label {raw[bad[0]]!r}, not a whole number; labels must "
+                        f"be class names or whole numbers")
+    if label_names:
+        out = np.flatnonzero((vals < 0) | (vals >= len(label_names)))
+        if len(out):
+            raise DataError(f"{source}: label {raw[out[0]]!r} (row {out[0]}) is outside 0..{len(label_names) - 1}, "
+                            f"the ids of the {len(label_names)} named classes ({', '.join(map(str, label_names))})")
+        return vals.astype(np.int64), list(label_names)
+    classes = np.unique(vals)  # in float64, so huge values are never cast
+    names = [str(int(c)) if abs(c) < 2 ** 53 else repr(float(c)) for c in classes]
+    return np.searchsorted(classes, vals).astype(np.int64), names
+
+
+def load_file(path, text_column="text", label_column="label", label_names=None):
+    """A user's CSV / Parquet / JSONL file -> TextDataset, labels mapped by map_labels' rule."""
+    path = Path(path)
+    ds = _read_table(path)
+    _need_column(ds, path, text_column, "--text-column")
+    _need_column(ds, path, label_column, "--label-column")
+    labels, names = map_labels(list(ds[label_column]), label_names, str(path))
     texts = ["" if t is None else str(t) for t in ds[text_column]]
-    return TextDataset(texts, check_labels(labels, names, path), names, path.stem, "file", str(path),
-                       {"note": f"user file {path.name}"})
+    return TextDataset(texts, labels, names, path.stem, "file", str(path), {"note": f"user file {path.name}"})
+
+
+def clean_training(ds):
+    """Validate training rows before any work -> (cleaned TextDataset, facts).
+
+    Empty texts are removed; repeated texts are kept once (the first occurrence, its label), so no text can
+    sit on both sides of a fit/validation split; at least two classes must remain. facts: {"counts": {...},
+    "notes": [one line per thing done]}."""
+    keep, seen, empty, dup, conflict = [], {}, 0, 0, 0
+    for i, t in enumerate(ds.texts):
+        if not t.strip():
+            empty += 1
+            continue
+        if t in seen:
+            dup += 1
+            conflict += int(ds.labels[seen[t]] != ds.labels[i])
+            continue
+        seen[t] = i
+        keep.append(i)
+    notes = []
+    if empty:
+        notes.append(f"{empty} empty text(s) removed")
+    if dup:
+        notes.append(f"{dup} repeated text(s) removed, the first copy kept"
+                     + (f" ({conflict} had a different label than the first)" if conflict else ""))
+    if not keep:
+        raise DataError(f"{ds.source}: every text is empty; nothing to train on")
+    out = ds.subset(keep)
+    counts = np.bincount(out.labels, minlength=len(ds.label_names))
+    present = int((counts > 0).sum())
+    if present < 2:
+        raise DataError(f"{ds.source}: only one class ({ds.label_names[int(counts.argmax())]!r}) has rows; a "
+                        f"classifier needs at least two classes")
+    missing = [n for n, c in zip(ds.label_names, counts) if c == 0]
+    if missing:
+        notes.append(f"classes with no training row: {', '.join(missing)}")
+    notes.append(f"{len(out)} rows, per class: " + ", ".join(f"{n} {c}" for n, c in zip(ds.label_names, counts)))
+    return out, {"counts": {"rows_in": len(ds), "rows_used": len(out), "empty": empty, "duplicates": dup,
+                            "conflicting_duplicates": conflict}, "notes": notes}
 
 
 def stratified_indices(labels, n, seed):

@@ -24,12 +24,11 @@ def cosine_matrix(v):
 
 
 def main(argv=None):
-    from minislm import weights
-    from minislm.experts import load_expert
+    from minislm.experts import load_expert, registry
 
     ap = argparse.ArgumentParser(prog="python -m minislm.embed", description=__doc__.splitlines()[0])
     ap.add_argument("texts", nargs="*", help="texts to embed (default: three example sentences)")
-    ap.add_argument("--experts", nargs="+", default=list(weights.EXPERTS),
+    ap.add_argument("--experts", nargs="+", default=list(registry.EXPERTS),
                     help="expert names or model folders (default: the three pretrained experts)")
     ap.add_argument("--json", action="store_true", help="print the vectors as JSON")
     args = ap.parse_args(argv)

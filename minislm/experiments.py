@@ -14,11 +14,15 @@ import time
 
 import numpy as np
 
-from minislm import cascade, data
+from minislm import data
+from minislm.team import cascade
 from minislm.atomic import write_json, write_text
 from minislm.collab import ensembles, losses, trainer
 from minislm.collab.trainer import TrainConfig
-from minislm.team import LEXICAL, Team, TeamConfig, head_flops, lexical_logprob, short
+from minislm.team import Team, TeamConfig
+from minislm.team.costs import head_flops
+from minislm.team.team import LEXICAL, short
+from minislm.team.training import fit, train_fusion
 
 FUSIONS = ("concat", "mean", "static", "gated", "attention")
 
@@ -55,17 +59,15 @@ def run(dataset, out, data_dir=None, quick=False, save_model=None, log=print):
     t_start = time.time()
     train, test = data.protocol_splits(dataset, data_dir)
     C = len(train.label_names)
-    tc = TrainConfig().to_dict()
-    if quick:
-        tc.update(epochs=3)
+    tc = TrainConfig(epochs=3) if quick else TrainConfig()
     cfg = TeamConfig(dataset=dataset, label_names=train.label_names, train=tc)
-    team = Team(cfg).fit(train, log=log)
-    F = team._feats
+    team = fit(Team(cfg), train, log=log)
+    F = team.training              # what training saw: the fit / validation rows and their features
     y_test = test.labels
 
     log("test features")
     p_lex_test = team.lexical.predict_proba(test.texts)
-    feats_test = {LEXICAL: team.standardized(LEXICAL, lexical_logprob(p_lex_test))}
+    feats_test = {LEXICAL: team.lexical_features(test.texts, p_lex_test)}
     for name in cfg.encoders:
         feats_test[name] = team.standardized(name, team.encoder_features(name, test.texts, split=test.split))
     tier_flops = team.tier_flops(test.texts)          # cumulative per tier, [B] each
@@ -83,7 +85,6 @@ def run(dataset, out, data_dir=None, quick=False, save_model=None, log=print):
         rows.append(row(name, "single", y_test, pr.argmax(1), (enc_flops[name].mean() + head_flops(c)) / 1e9, C))
 
     fusion_probs = {}
-    tcfg = TrainConfig(**tc)
     for experts in (list(cfg.encoders), list(cfg.experts)):
         tag = "+".join(short(e) for e in experts)
         cost = sum(enc_flops[e].mean() for e in experts if e != LEXICAL) + (lex_flops.mean() if LEXICAL in experts else 0)
@@ -91,8 +92,7 @@ def run(dataset, out, data_dir=None, quick=False, save_model=None, log=print):
             if fusion == cfg.fusion and experts == list(cfg.experts):
                 c, p = team.tiers[-1]
             else:
-                c, p = team.train_fusion(experts, F["fit"], F["y_fit"], F["val"], F["y_val"], tcfg,
-                                         fusion=fusion, log=log)
+                c, p = train_fusion(team, experts, F, fusion=fusion, log=log)
             pr = losses.softmax(trainer.logits_of(c, p, {e: feats_test[e] for e in experts}))
             name = f"{fusion}/{tag}"
             fusion_probs[name] = pr
@@ -103,20 +103,20 @@ def run(dataset, out, data_dir=None, quick=False, save_model=None, log=print):
         rows.append(row(f"prob-average/{tag}", "fusion", y_test, pr.argmax(1), cost / 1e9, C))
         # stacking: a logistic regression over the experts' log-probabilities, trained on the validation rows
         # (the experts' own training rows would make them look too reliable)
-        P_val = np.stack([team._feats["p_val"] if e == LEXICAL else
-                          losses.softmax(trainer.logits_of(*team.singles[e], {e: F["val"][e]}))
+        P_val = np.stack([F.lexical_val if e == LEXICAL else
+                          losses.softmax(trainer.logits_of(*team.singles[e], {e: F.feats_val[e]}))
                           for e in experts], axis=1)
-        st = stacking_fit(P_val, F["y_val"], seed=cfg.seed)
-        pr = losses.softmax(ensembles.stacking_forward(st, P)[0])
+        st = ensembles.stacking_fit(P_val, F.y_val, seed=cfg.seed)
+        pr = ensembles.stacking_predict(st, P)
         fusion_probs[f"stacking/{tag}"] = pr
         rows.append(row(f"stacking/{tag}", "fusion", y_test, pr.argmax(1), cost / 1e9, C))
 
-    rows += baselines(team, train, test, enc_flops, log)
+    rows += baselines(team, test, enc_flops, log)
 
     log("cascade")
     tier_probs = team.tier_probs(feats_test, p_lex_test)
-    val_flops = team.tier_flops(F["texts_val"])
-    val_points = cascade.curve(team.tier_probs(F["val"], F["p_val"]), F["y_val"], val_flops)
+    val_flops = team.tier_flops(F.texts_val)
+    val_points = cascade.curve(team.tier_probs(F.feats_val, F.lexical_val), F.y_val, val_flops)
     val_all_three = float(np.mean(sum(val_flops[k] - val_flops[k - 1] for k in range(1, len(cfg.experts)))))
     best_single_val = max(team.metrics["val_single"][e] for e in cfg.encoders)
     settings = {
@@ -175,33 +175,17 @@ def run(dataset, out, data_dir=None, quick=False, save_model=None, log=print):
     return result, team
 
 
-def stacking_fit(P, y, seed=0, epochs=300, lr=0.05):
-    """Full-batch AdamW on the stacking regression's cross-entropy."""
-    from minislm.collab import optim
-
-    params = ensembles.stacking_init(np.random.default_rng(seed), P.shape[1], P.shape[2])
-    opt = optim.AdamW(params, lr=lr, weight_decay=0.01)
-    for _ in range(epochs):
-        logits, cache = ensembles.stacking_forward(params, P)
-        _, d = losses.cross_entropy(logits, y)
-        _, g = ensembles.stacking_backward(params, cache, d)
-        opt.step(g)
-    return params
-
-
-def baselines(team, train, test, enc_flops, log):
-    """lr-last-layer/<encoder> and tfidf-lr, with scikit-learn (the `bench` extra). C picked on the
-    validation split, then refit on every training row."""
+def baselines(team, test, enc_flops, log):
+    """lr-last-layer/<encoder> and tfidf-lr, with scikit-learn (the `bench` extra), on the team's own
+    training rows: C picked on the team's validation split, then refit on every training row."""
     try:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
     except ImportError:
         log("baselines skipped: scikit-learn is not installed (pip install -e '.[bench]')")
         return []
+    train, fit_idx, val_idx = team.training.dataset, team.training.fit_idx, team.training.val_idx
     C = len(train.label_names)
-    n_val = int(round(team.cfg.val_fraction * len(train)))
-    val_idx = data.stratified_indices(train.labels, n_val, team.cfg.seed)
-    fit_idx = np.setdiff1d(np.arange(len(train)), val_idx)
     out = []
 
     def tuned(Xtr, Xte, grid):
@@ -302,8 +286,7 @@ def main(argv=None):
     result, team = run(args.dataset, out, args.data_dir, args.quick, args.save_model)
     print(markdown(result))
     if args.save_model:
-        from minislm import checkpoint
-        checkpoint.save(team, args.save_model, command=result["command"])
+        team.save(args.save_model, command=result["command"])
     return 0
 
 

@@ -1,33 +1,50 @@
 """`python -m minislm.train`: staged training of a team on a dataset, saved as a checkpoint folder.
 
-    python -m minislm.train --dataset ag_news --out weights/ag_news
+    python -m minislm.train --dataset ag_news --out runs/ag_news
     python -m minislm.train --file reviews.csv --text-column review --label-column stars --out runs/reviews
 
 Stage 1 trains each expert's own head, stage 2 the gate + fusion + head over all experts, stage 3 distils
 the fused model into the cheaper tiers of the cascade; cascade thresholds are chosen on a validation split
-carved from the training rows. With --dataset the protocol's test rows are scored at the end and the
-accuracy is stored in the checkpoint. The checkpoint is swapped in only when complete.
+carved from the training rows (minislm.team.training). With --dataset the protocol's test rows are scored
+at the end and the accuracy is stored in the checkpoint.
+
+Nothing is lost: every setting and the destination are checked before any work (--out must be new, empty or
+a minislm checkpoint, and writable), and the checkpoint is swapped in only when complete.
+Exit codes: 0 ok, 2 bad input (one line on stderr), 1 an unexpected failure, 130 interrupted.
 """
 import argparse
+import dataclasses
+import os
 import sys
 import time
 
 import numpy as np
 
 from minislm import data
+from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
-from minislm.team import ENCODERS, LEXICAL, Team, TeamConfig
+from minislm.team import checkpoint
+from minislm.team.config import GATES, TeamConfig
+from minislm.team.team import Team
+from minislm.team.training import fit
+
+def _default(cls, name):
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def team_config(args, dataset_name, label_names):
+    """The parsed flags -> TeamConfig (which checks every value's range)."""
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                      seed=args.seed)
     return TeamConfig(dataset=dataset_name, label_names=list(label_names), experts=list(args.experts),
                       fusion=args.fusion, max_len=args.max_len, proj_dim=args.proj_dim, head_hidden=args.head_hidden,
-                      gate=args.gate, balance=args.balance, train=tc.to_dict(), seed=args.seed)
+                      gate=args.gate, balance=args.balance, val_fraction=args.val_fraction, train=tc, seed=args.seed)
 
 
-def train(args, log=print):
+def run(args, log=print):
+    checkpoint.check_destination(args.out)
+    team_config(args, "check", ["a", "b"])  # every setting checked before data is read or anything trains
     if args.dataset:
         train_ds, test_ds = data.protocol_splits(args.dataset, args.data_dir)
     else:
@@ -37,7 +54,7 @@ def train(args, log=print):
     log(f"{train_ds.name}: {len(train_ds)} training rows, {len(train_ds.label_names)} classes "
         f"({', '.join(train_ds.label_names)})")
     t0 = time.time()
-    team = Team(team_config(args, train_ds.name, train_ds.label_names)).fit(train_ds, log=log)
+    team = fit(Team(team_config(args, train_ds.name, train_ds.label_names)), train_ds, log=log)
     team.metrics["train_seconds"] = round(time.time() - t0, 1)
     if test_ds is not None:
         log(f"scoring the {len(test_ds)} test rows through the cascade")
@@ -48,13 +65,14 @@ def train(args, log=print):
                                 "exit_share": (np.bincount(info["exit_tier"], minlength=len(team.cfg.experts))
                                                / len(test_ds)).tolist()}
         log(f"test accuracy {acc:.4f} at {team.metrics['test']['gflops_per_sample']:.3f} GFLOPs per sample")
-    command = "python -m minislm.train " + " ".join(args.argv)
-    team.save(args.out, command=command)
+    team.save(args.out, command="python -m minislm.train " + " ".join(args.argv))
     log(f"saved {args.out}")
     return team
 
 
 def parser():
+    d = lambda name: _default(TeamConfig, name)  # noqa: E731
+    t = lambda name: _default(TrainConfig, name)  # noqa: E731
     ap = argparse.ArgumentParser(prog="python -m minislm.train", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=list(data.PROTOCOLS), help="a known dataset, trained by its protocol")
@@ -62,37 +80,46 @@ def parser():
     ap.add_argument("--text-column", default="text")
     ap.add_argument("--label-column", default="label")
     ap.add_argument("--data-dir", help="folder holding <dataset>/{split}.parquet (default: $MINISLM_DATA_DIR, ...)")
-    ap.add_argument("--out", required=True, help="checkpoint folder to write")
-    ap.add_argument("--experts", nargs="+", default=[LEXICAL, *ENCODERS],
-                    help="tier order, cheapest first ('lexical' and expert names or model folders)")
-    ap.add_argument("--fusion", default="concat", choices=["concat", "mean", "static", "gated", "attention"])
-    ap.add_argument("--gate", default="softmax", choices=["softmax", "noisy_topk"])
-    ap.add_argument("--balance", type=float, default=0.0, help="weight of the gate's load-balancing loss")
-    ap.add_argument("--max-len", type=int, default=128)
-    ap.add_argument("--proj-dim", type=int, default=256)
-    ap.add_argument("--head-hidden", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--patience", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="checkpoint folder to write (new, empty, or a checkpoint)")
+    ap.add_argument("--experts", nargs="+", default=d("experts"),
+                    help="tier order, cheapest first: 'lexical', then expert names or model folders")
+    ap.add_argument("--fusion", default=d("fusion"), choices=list(FUSIONS))
+    ap.add_argument("--gate", default=d("gate"), choices=list(GATES))
+    ap.add_argument("--balance", type=float, default=d("balance"), help="weight of the gate's load-balancing loss")
+    ap.add_argument("--max-len", type=int, default=d("max_len"), help="tokens per text the encoders read (2-512)")
+    ap.add_argument("--proj-dim", type=int, default=d("proj_dim"))
+    ap.add_argument("--head-hidden", type=int, default=d("head_hidden"))
+    ap.add_argument("--val-fraction", type=float, default=d("val_fraction"))
+    ap.add_argument("--epochs", type=int, default=t("epochs"))
+    ap.add_argument("--patience", type=int, default=t("patience"))
+    ap.add_argument("--batch-size", type=int, default=t("batch_size"))
+    ap.add_argument("--lr", type=float, default=t("lr"))
+    ap.add_argument("--seed", type=int, default=d("seed"))
     return ap
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    args.argv = argv
-    if args.experts[0] != LEXICAL:
-        print("error: the first tier must be 'lexical' (the cascade's near-free tier 0)", file=sys.stderr)
-        return 2
     try:
-        train(args)
-    except (data.DataError, FileNotFoundError, ValueError) as e:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return 2 if e.code else 0
+    args.argv = argv
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was saved; the previous checkpoint at --out (if any) is untouched",
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:  # DataError, CheckpointError and bad settings are ValueErrors
+        if os.environ.get("MINISLM_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the previous checkpoint (if any) is untouched", file=sys.stderr)
+    except Exception as e:  # anything else: one line, no traceback (MINISLM_DEBUG=1 shows it)
+        if os.environ.get("MINISLM_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,7 +1,7 @@
 """Test set-up shared by the whole suite.
 
 Tests marked `experts` need the three pretrained experts: the first of them fetches and prepares the weights
-once (`minislm.weights.fetch`, idempotent), so a fresh machine runs the suite with no manual step.
+once (`minislm.experts.fetch.fetch`, idempotent), so a fresh machine runs the suite with no manual step.
 """
 import os
 
@@ -18,7 +18,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def prepared_experts():
     """name -> folder of every pretrained expert, fetched on first use."""
-    from minislm import weights
+    from minislm.experts import fetch as weights
 
     return weights.fetch()
 

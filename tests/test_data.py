@@ -61,14 +61,14 @@ def test_bad_input(tmp_path):
 
     path = tmp_path / "x.csv"
     datasets.Dataset.from_dict({"body": ["a"], "label": [0]}).to_csv(str(path))
-    with pytest.raises(data.DataError, match="no text column 'text' \\(columns: body, label\\)"):
+    with pytest.raises(data.DataError, match="no column 'text' \\(columns: body, label\\); name the right one with --text-column"):
         data.load_file(path)
     datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["pos", "meh"]}).to_csv(str(path))
     with pytest.raises(data.DataError, match="label 'meh' is not one of the known labels \\(neg, pos\\)"):
         data.load_file(path, label_names=["neg", "pos"])
     header_only = tmp_path / "e.csv"
     header_only.write_text("text,label\n")
-    with pytest.raises(data.DataError, match="the dataset is empty; it needs at least one labelled row"):
+    with pytest.raises(data.DataError, match="the file (is empty|has no rows)"):
         data.load_file(header_only)
     with pytest.raises(data.DataError, match="unknown file type '.txt'"):
         (tmp_path / "a.txt").write_text("x")
@@ -100,3 +100,48 @@ def test_hub_fallback_and_offline_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(data.DataError, match="not found locally .*set MINISLM_DATA_DIR"):
         data.load("imdb", "test", data_dir=tmp_path)
+
+
+def test_label_mapping_rule():
+    ids, names = data.map_labels([3, 1, 3, 5])
+    assert ids.tolist() == [1, 0, 1, 2] and names == ["1", "3", "5"]       # sorted values, named by value
+    ids, names = data.map_labels([2.0, 0.0, 1.0])
+    assert ids.tolist() == [2, 0, 1] and names == ["0", "1", "2"]
+    ids, names = data.map_labels([" pos", "neg ", "pos"])
+    assert ids.tolist() == [1, 0, 1] and names == ["neg", "pos"]             # spaces stripped
+    ids, names = data.map_labels(["b", "a"], label_names=["b", "a"])
+    assert ids.tolist() == [0, 1] and names == ["b", "a"]
+    with pytest.raises(data.DataError, match=r"row 1 has the label 1.5, not a whole number"):
+        data.map_labels([1.0, 1.5])
+    with pytest.raises(data.DataError, match=r"row 2 has no label"):
+        data.map_labels([1, 0, float("nan")])
+    with pytest.raises(data.DataError, match=r"labels \['Pos', 'pos'\] differ only in case"):
+        data.map_labels(["pos", "Pos", "neg"])
+    with pytest.raises(data.DataError, match="labels mix text and numbers"):
+        data.map_labels(["pos", 1])
+    with pytest.raises(data.DataError, match="boolean label"):
+        data.map_labels([True, False])
+    ids, names = data.map_labels([1e308, 0])                                  # no range is built from values
+    assert ids.tolist() == [1, 0] and len(names) == 2
+
+
+def test_clean_training_removes_empty_and_repeated_texts():
+    ds = data.TextDataset(["a b", "", "c d", "a b", "  ", "a b", "e"], np.array([0, 1, 1, 0, 0, 1, 1]),
+                          ["x", "y"], "t", "train", "memory")
+    out, facts = data.clean_training(ds)
+    assert out.texts == ["a b", "c d", "e"] and out.labels.tolist() == [0, 1, 1]
+    assert facts["counts"] == {"rows_in": 7, "rows_used": 3, "empty": 2, "duplicates": 2,
+                               "conflicting_duplicates": 1}
+    one_class = data.TextDataset(["a", "b"], np.array([1, 1]), ["x", "y"], "t", "train", "memory")
+    with pytest.raises(data.DataError, match="only one class \\('y'\\) has rows"):
+        data.clean_training(one_class)
+    empty = data.TextDataset(["", " "], np.array([0, 1]), ["x", "y"], "t", "train", "memory")
+    with pytest.raises(data.DataError, match="every text is empty"):
+        data.clean_training(empty)
+
+
+def test_read_column_never_parses_texts_as_labels(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("text\n1e308\n\n7\n")
+    col = data.read_column(path, "text")
+    assert col[0] == "1e308" and col[-1] == "7" and all(c is None or isinstance(c, str) for c in col)

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from minislm.encoder import Encoder, pool_cls, pool_mean, relative_buckets
+from minislm.encoder.model import Encoder, relative_buckets
+from minislm.encoder.pooling import pool_cls, pool_mean
 from minislm.experts import load_expert
-from minislm.hf_folder import load_folder
+from minislm.encoder.folder import load_folder
 from tests.model_folders import make_tiny_folder, reference_hidden_states
 from tests.tolerances import ENCODER_ATOL
 

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from minislm import features
+from minislm.encoder.pooling import pool_layers
+from minislm.experts import features
 from minislm.experts import load_expert
 from tests.model_folders import make_tiny_folder
 
@@ -22,7 +23,7 @@ def direct(expert, texts):
     out = []
     for t in texts:
         ids, mask = expert.tokenizer.encode_batch([t], max_len=16)
-        out.append(features.pool_layers(expert.encoder.forward(ids, mask), mask)[0])
+        out.append(pool_layers(expert.encoder.forward(ids, mask), mask)[0])
     return np.stack(out)
 
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from minislm import lexical
-from minislm.lexical import LexicalConfig, LexicalModel
-from minislm.tokenizer import Tokenizer
+from minislm.experts import lexical
+from minislm.experts.lexical import LexicalConfig, LexicalModel
+from minislm.encoder.tokenizer import Tokenizer
 from tests.gradcheck import numeric_grad
 from tests.model_folders import tiny_tokenizer
 from tests.tolerances import FD_ATOL, FD_RTOL, GRAD_ATOL, GRAD_RTOL

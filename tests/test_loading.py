@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from minislm.config import ConfigError
+from minislm.encoder.config import ConfigError
 from minislm.experts import load_expert
-from minislm.hf_folder import WeightsError, load_folder
+from minislm.encoder.folder import WeightsError, load_folder
 from tests.model_folders import make_tiny_folder
 
 

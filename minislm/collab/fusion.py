@@ -9,17 +9,14 @@
 
 Each strategy is a module with out_dim(E, D), init(rng, E, D), forward(params, Z, g=None) -> (fused, cache)
 and backward(params, cache, dfused) -> (dZ, dg, grads); dg is None unless the strategy uses a gate.
+Concat also takes a list of E vectors of differing widths (experts without a projection) and returns a list.
 """
 import types
 
 import numpy as np
 
 from minislm.collab import linear
-
-
-def _softmax(z, axis=-1):
-    z = np.exp(z - z.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
+from minislm.kernels.activations import softmax_np as _softmax
 
 
 def _module(**fns):
@@ -28,12 +25,14 @@ def _module(**fns):
 
 # concat ---------------------------------------------------------------------------------------------------
 def _concat_forward(params, Z, g=None):
-    B, E, D = Z.shape
-    return Z.reshape(B, E * D), {"shape": Z.shape}
+    """Z [B, E, D], or a list of E vectors [B, D_e] whose widths may differ (no projection)."""
+    zs = list(Z.transpose(1, 0, 2)) if isinstance(Z, np.ndarray) else list(Z)
+    return np.concatenate(zs, axis=1), {"widths": [z.shape[1] for z in zs], "stacked": isinstance(Z, np.ndarray)}
 
 
 def _concat_backward(params, cache, dy):
-    return dy.reshape(cache["shape"]), None, {}
+    dzs = np.split(dy, np.cumsum(cache["widths"])[:-1], axis=1)
+    return (np.stack(dzs, axis=1) if cache["stacked"] else dzs), None, {}
 
 
 # mean -----------------------------------------------------------------------------------------------------

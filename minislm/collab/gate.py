@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from minislm.collab import linear
+from minislm.kernels.activations import softmax_np as _softmax
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -23,11 +24,6 @@ def init(rng, g, n_experts, noisy=False, dtype=np.float32):
     if noisy:
         p["noise"] = {"w": np.zeros((n_experts, g), dtype=dtype), "b": np.zeros(n_experts, dtype=dtype)}
     return p
-
-
-def _softmax(z):
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
 
 
 def softmax_forward(params, x):

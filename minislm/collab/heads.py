@@ -5,6 +5,7 @@
 import numpy as np
 
 from minislm.collab import activations, linear
+from minislm.kernels.matmul import linear_flops
 
 
 def init(rng, d, n_classes, hidden=0, dtype=np.float32):
@@ -34,3 +35,13 @@ def backward(params, cache, dlogits, need_dz=True):
         dz = activations.gelu_backward(cache["gelu"], dz)
         dz, grads["hid"] = linear.backward(params["hid"], cache["hid"], dz, need_dx=need_dz)
     return dz, grads
+
+
+def flops(widths, activation=True):
+    """FLOPs per row of a chain of linear layers widths[0] -> widths[1] -> ... with bias (a GELU after every
+    layer but the last when activation)."""
+    total = 0
+    for i, (k, n) in enumerate(zip(widths[:-1], widths[1:])):
+        part = linear_flops(1, k, n, gelu=activation and i < len(widths) - 2)
+        total += part["matmul"] + part["other"]
+    return total

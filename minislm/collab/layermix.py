@@ -4,6 +4,8 @@
 """
 import numpy as np
 
+from minislm.kernels.activations import softmax_np
+
 
 def init(rng, n_layers_plus_1, dtype=np.float32):
     # uniform mix to start: every layer weighs the same, the scale is 1
@@ -12,8 +14,7 @@ def init(rng, n_layers_plus_1, dtype=np.float32):
 
 def weights(params):
     """[L+1] softmax of the mixing logits."""
-    z = np.exp(params["logits"] - params["logits"].max())
-    return z / z.sum()
+    return softmax_np(params["logits"])
 
 
 def forward(params, X):

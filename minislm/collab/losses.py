@@ -1,14 +1,16 @@
 """Losses with their gradients: cross-entropy with label smoothing, and distillation (KL to a soft teacher)."""
 import numpy as np
 
+from minislm.kernels.activations import log_softmax_np
+
 
 def log_softmax(logits, temperature=1.0):
-    z = logits / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    """[B, C] -> [B, C] log-probabilities at temperature T."""
+    return log_softmax_np(logits / temperature)
 
 
 def softmax(logits, temperature=1.0):
+    """[B, C] -> [B, C] probabilities at temperature T."""
     return np.exp(log_softmax(logits, temperature))
 
 

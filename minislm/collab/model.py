@@ -62,13 +62,28 @@ def init(cfg, rng, dtype=np.float32):
     p = {"mix": {n: layermix.init(rng, L, dtype) for n, L in zip(cfg.experts, cfg.in_layers)}}
     if cfg.proj_dim:
         p["proj"] = {n: linear.init(rng, k, cfg.proj_dim, dtype) for n, k in zip(cfg.experts, cfg.in_dims)}
-    fused_dim = sum(z) if cfg.fusion == "concat" else fusion_lib.get(cfg.fusion).out_dim(E, z[0])
-    p["fusion"] = fusion_lib.get(cfg.fusion).init(rng, E, z[0], dtype) if cfg.fusion != "concat" else {}
+    p["fusion"] = fusion_lib.get(cfg.fusion).init(rng, E, z[0], dtype)
     if uses_gate(cfg):
         g_in = z[cfg.experts.index(cfg.gate_input)] if cfg.gate_input else sum(z)
         p["gate"] = gate.init(rng, g_in, E, noisy=cfg.gate == "noisy_topk", dtype=dtype)
-    p["head"] = heads.init(rng, fused_dim, cfg.n_classes, cfg.head_hidden, dtype)
+    p["head"] = heads.init(rng, fused_width(cfg), cfg.n_classes, cfg.head_hidden, dtype)
     return p
+
+
+def fused_width(cfg):
+    """Width of the fused vector the head reads."""
+    z = _dims(cfg)
+    return sum(z) if cfg.fusion == "concat" else fusion_lib.get(cfg.fusion).out_dim(len(z), z[0])
+
+
+def flops(cfg):
+    """FLOPs per row of this collaboration's own part: layer mixes, projections, fusion and head (the
+    gate and the fusion's small products are counted approximately by the head's formula)."""
+    total = sum(2 * L * K for L, K in zip(cfg.in_layers, cfg.in_dims))       # the layer mixes' weighted sums
+    if cfg.proj_dim:
+        total += sum(heads.flops([k, cfg.proj_dim], activation=False) for k in cfg.in_dims)
+    hidden = [cfg.head_hidden] if cfg.head_hidden else []
+    return total + heads.flops([fused_width(cfg), *hidden, cfg.n_classes])
 
 
 def uses_gate(cfg):
@@ -93,11 +108,8 @@ def forward(cfg, p, feats, rng=None):
         else:
             g, cache["gate"] = gate.softmax_forward(p["gate"], gx)
     cache["g"] = g
-    if cfg.fusion == "concat":  # widths may differ: concatenate the vectors as they are
-        fused = np.concatenate(zs, axis=1)
-        cache["widths"] = [z.shape[1] for z in zs]
-    else:
-        fused, cache["fusion"] = fusion_lib.get(cfg.fusion).forward(p["fusion"], np.stack(zs, axis=1), g)
+    Z = zs if cfg.fusion == "concat" else np.stack(zs, axis=1)  # concat: widths may differ
+    fused, cache["fusion"] = fusion_lib.get(cfg.fusion).forward(p["fusion"], Z, g)
     logits, cache["head"] = heads.forward(p["head"], fused, cfg.dropout, rng)
     return logits, cache
 
@@ -121,12 +133,8 @@ def backward(cfg, p, cache, dlogits, dg_extra=None, dh_extra=None):
     """dlogits [B, C] (+ the balance loss's gradients) -> grads with the structure of p."""
     grads = {"mix": {}}
     dfused, grads["head"] = heads.backward(p["head"], cache["head"], dlogits)
-    if cfg.fusion == "concat":
-        dzs = np.split(dfused, np.cumsum(cache["widths"])[:-1], axis=1)
-        dg, grads["fusion"] = None, {}
-    else:
-        dZ, dg, grads["fusion"] = fusion_lib.get(cfg.fusion).backward(p["fusion"], cache["fusion"], dfused)
-        dzs = [dZ[:, i] for i in range(dZ.shape[1])]
+    dZ, dg, grads["fusion"] = fusion_lib.get(cfg.fusion).backward(p["fusion"], cache["fusion"], dfused)
+    dzs = dZ if cfg.fusion == "concat" else [dZ[:, i] for i in range(dZ.shape[1])]
     if uses_gate(cfg):
         dg = (np.zeros_like(cache["g"]) if dg is None else dg) + (0 if dg_extra is None else dg_extra)
         if cfg.gate == "noisy_topk":

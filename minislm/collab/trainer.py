@@ -24,10 +24,29 @@ class TrainConfig:
     label_smoothing: float = 0.1
     distill_alpha: float = 0.5     # weight of the distillation term when a teacher is given
     distill_temperature: float = 2.0
-    seed: int = 0
+    seed: int = 0                  # data order, initialisation and dropout
+
+    def __post_init__(self):
+        _check_int(self, "epochs", 1)
+        _check_int(self, "batch_size", 1)
+        _check_int(self, "patience", 1)
+        for name, lo, hi in (("lr", 0.0, 10.0), ("weight_decay", 0.0, 10.0), ("warmup", 0.0, 1.0),
+                             ("clip", 0.0, 1e6), ("label_smoothing", 0.0, 1.0), ("distill_alpha", 0.0, 1.0),
+                             ("distill_temperature", 0.0, 100.0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (lo <= v <= hi) or v != v:
+                raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+        if self.lr == 0 or self.distill_temperature == 0:
+            raise ValueError("lr and distill_temperature must be > 0")
 
     def to_dict(self):
         return asdict(self)
+
+
+def _check_int(cfg, name, lo):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
 
 
 def logits_of(cfg, params, feats, batch=4096):

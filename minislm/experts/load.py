@@ -1,19 +1,20 @@
 """A pretrained expert ready to use: its tokenizer and encoder, loaded by name or from any local folder.
 
-    expert = load_expert("all-MiniLM-L6-v2")         # one of the prepared experts (see minislm.weights)
+    expert = load_expert("all-MiniLM-L6-v2")         # one of the prepared experts (see registry.py)
     expert = load_expert("/path/to/any/bert-folder")  # or any HF BERT/MPNet folder
     vectors = expert.embed(["a sentence", "another"])  # [B, H], masked mean of the last layer
 """
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from minislm.config import EncoderConfig
-from minislm.encoder import Encoder, pool_cls, pool_mean
-from minislm.hf_folder import load_folder
-from minislm.tokenizer import Tokenizer
+from minislm.encoder.config import EncoderConfig
+from minislm.encoder.folder import load_folder
+from minislm.encoder.model import Encoder
+from minislm.encoder.pooling import pool_cls, pool_mean
+from minislm.encoder.tokenizer import Tokenizer
+from minislm.experts import registry
 
 
 @dataclass
@@ -27,13 +28,15 @@ class Expert:
 
     @property
     def weights_sha256(self):
-        """sha256 of model.safetensors: the identity of these weights in caches and checkpoints."""
+        """sha256 of model.safetensors: the identity of these weights in caches and checkpoints (the
+        manifest's, checked at load, for a prepared expert; hashed on first use for a user's folder)."""
         if self._sha256 is None:
-            h = hashlib.sha256()
-            with open(self.folder / "model.safetensors", "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            self._sha256 = h.hexdigest()
+            self._sha256 = registry.sha256_of(self.folder / "model.safetensors")
+        return self._sha256
+
+    def rehash(self):
+        """Hash model.safetensors now, ignoring any recorded value -> sha256."""
+        self._sha256 = registry.sha256_of(self.folder / "model.safetensors")
         return self._sha256
 
     def hidden_states(self, texts, max_len=None):
@@ -58,14 +61,12 @@ class Expert:
 
 def resolve_folder(name_or_path):
     """An expert's registry name or a folder path -> (name, folder)."""
-    from minislm import weights
-
-    if name_or_path in weights.EXPERTS:
-        return name_or_path, weights.expert_dir(name_or_path)
+    if name_or_path in registry.EXPERTS:
+        return name_or_path, registry.expert_dir(name_or_path)  # checked against its manifest
     path = Path(name_or_path)
     if path.is_dir():
         return str(path), path
-    raise FileNotFoundError(f"{name_or_path!r} is neither a known expert ({', '.join(weights.EXPERTS)}) nor a "
+    raise FileNotFoundError(f"{name_or_path!r} is neither a known expert ({', '.join(registry.EXPERTS)}) nor a "
                             f"model folder; pass one of those names or the path of a folder with config.json, "
                             f"model.safetensors and tokenizer.json")
 
@@ -76,7 +77,5 @@ def load_expert(name_or_path):
     hf = load_folder(folder)
     cfg = hf.config
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json", max_len=cfg.max_tokens, pad_id=cfg.pad_id)
-    from minislm.weights import prepared_sha256
-
     return Expert(name=name, folder=Path(folder), config=cfg, tokenizer=tokenizer,
-                  encoder=Encoder.from_params(cfg, hf.params), _sha256=prepared_sha256(folder))
+                  encoder=Encoder.from_params(cfg, hf.params), _sha256=registry.prepared_sha256(folder))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from minislm.atomic import save_safetensors, write_json
+from minislm.kernels.activations import log_softmax_np, softmax_np
 
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -110,19 +111,11 @@ def backward(params, offsets, rows, bag, dlogits):
 
 def softmax_xent(logits, labels):
     """logits [B, C], labels [B] -> (mean loss, dlogits [B, C])."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
     B = len(labels)
-    loss = -np.log(np.maximum(p[np.arange(B), labels], 1e-30)).mean()
-    d = p.copy()
+    logp = log_softmax_np(logits)
+    d = np.exp(logp)
     d[np.arange(B), labels] -= 1
-    return float(loss), d / B
-
-
-def softmax(logits):
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+    return float(-logp[np.arange(B), labels].mean()), d / B
 
 
 class LexicalModel:
@@ -149,7 +142,7 @@ class LexicalModel:
 
     def predict_proba(self, texts):
         """B texts -> probabilities [B, C]."""
-        return softmax(forward(self.params, *self.bags(texts))[1])
+        return softmax_np(forward(self.params, *self.bags(texts))[1])
 
     def flops(self, offsets):
         """CSR offsets -> FLOPs per sample [B]: bigram hashing, the bag's adds and mean, the classifier."""
@@ -192,21 +185,37 @@ class LexicalModel:
                 progress(f"lexical epoch {epoch + 1}/{epochs}: loss {total / len(texts):.4f}")
         return self
 
+    def state(self):
+        """-> (arrays {"table", "w", "b"}, JSON-able meta): what a checkpoint stores of this expert."""
+        arrays = {k: np.ascontiguousarray(v) for k, v in self.params.items()}
+        return arrays, {"config": asdict(self.cfg), "label_names": self.label_names}
+
+    @classmethod
+    def from_state(cls, arrays, meta, tokenizer):
+        """Inverse of state(), checked against the tokenizer it will read with."""
+        c = meta["config"]
+        cfg = LexicalConfig(**dict(c, special_ids=tuple(c["special_ids"])))
+        if tokenizer.hf.get_vocab_size() != cfg.vocab_size:
+            raise ValueError(f"the lexical expert was trained on a {cfg.vocab_size}-word vocabulary, the "
+                             f"tokenizer given has {tokenizer.hf.get_vocab_size()}")
+        want = {"table": (cfg.vocab_size + cfg.n_buckets, cfg.dim), "w": (cfg.n_classes, cfg.dim),
+                "b": (cfg.n_classes,)}
+        for k, shape in want.items():
+            if k not in arrays or tuple(arrays[k].shape) != shape:
+                found = None if k not in arrays else tuple(arrays[k].shape)
+                raise ValueError(f"lexical array {k!r} should be {shape}, found {found}")
+        return cls(cfg, {k: arrays[k] for k in want}, tokenizer, meta["label_names"])
+
     def save(self, folder):
-        """-> folder/lexical.safetensors + folder/lexical.json (atomic)."""
-        folder = Path(folder)
-        save_safetensors(folder / "lexical.safetensors", {k: np.ascontiguousarray(v) for k, v in self.params.items()})
-        write_json(folder / "lexical.json", {"config": asdict(self.cfg), "label_names": self.label_names})
+        """-> folder/lexical.safetensors + folder/lexical.json (atomic): the expert on its own."""
+        arrays, meta = self.state()
+        save_safetensors(Path(folder) / "lexical.safetensors", arrays)
+        write_json(Path(folder) / "lexical.json", meta)
 
     @classmethod
     def load(cls, folder, tokenizer):
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        meta = json.loads((folder / "lexical.json").read_text())
-        c = meta["config"]
-        cfg = LexicalConfig(**dict(c, special_ids=tuple(c["special_ids"])))
-        if tokenizer.hf.get_vocab_size() != cfg.vocab_size:
-            raise ValueError(f"{folder}: the lexical expert was trained on a {cfg.vocab_size}-word vocabulary, "
-                             f"the tokenizer given has {tokenizer.hf.get_vocab_size()}")
-        return cls(cfg, load_file(str(folder / "lexical.safetensors")), tokenizer, meta["label_names"])
+        meta = json.loads((folder / "lexical.json").read_text(encoding="utf-8"))
+        return cls.from_state(load_file(str(folder / "lexical.safetensors")), meta, tokenizer)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minislm.hf_folder import attention_names
+from minislm.encoder.folder import attention_names
 from minislm.kernels import attention, gelu, layer_norm, linear
 from minislm.kernels.attention import AttentionScratch
 from minislm.kernels.matmul import PackedWeight, pack_weight
@@ -153,30 +153,30 @@ class Workspace:
                    attn=AttentionScratch(T, H // cfg.n_heads))
 
 
-def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False):
+def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False, backend=None):
     """One post-norm transformer layer.
 
     x [B, T, H], mask_add [B, T], pos_bias [N, T, T] or None -> out [B, T, H] (written in place).
     With keep=True returns a dict of this layer's intermediates (copies, with GELU's input kept unfused)
-    for a backward pass; otherwise None.
+    for a backward pass; otherwise None. backend: the matmul backend (kernels/matmul.py; None = its default).
     """
     B, T, H = x.shape
     M = B * T
     x2 = x.reshape(M, H)
-    linear(x2, lw.qkv_w, lw.qkv_b, out=ws.qkv)                                   # [M, 3H]
+    linear(x2, lw.qkv_w, lw.qkv_b, out=ws.qkv, backend=backend)                                   # [M, 3H]
     attention(ws.qkv.reshape(B, T, 3 * H), mask_add, cfg.n_heads, pos_bias,
               out=ws.ctx.reshape(B, T, H), scratch=ws.attn)                      # [B, T, H]
-    linear(ws.ctx, lw.attn_out_w, lw.attn_out_b, out=ws.proj)                    # [M, H]
+    linear(ws.ctx, lw.attn_out_w, lw.attn_out_b, out=ws.proj, backend=backend)                    # [M, H]
     layer_norm(ws.proj, lw.ln1_gamma, lw.ln1_beta, cfg.layer_norm_eps, residual=x2, out=ws.a)
     cache = None
     if keep:
-        pre = linear(ws.a, lw.ffn_in_w, lw.ffn_in_b)                             # [M, F] before GELU
+        pre = linear(ws.a, lw.ffn_in_w, lw.ffn_in_b, backend=backend)                             # [M, F] before GELU
         gelu(pre, out=ws.h)
         cache = {"x": x2.copy(), "qkv": ws.qkv.copy(), "ctx": ws.ctx.copy(), "proj": ws.proj.copy(),
                  "a": ws.a.copy(), "ffn_pre": pre, "h": ws.h.copy()}
     else:
-        linear(ws.a, lw.ffn_in_w, lw.ffn_in_b, gelu=True, out=ws.h)              # [M, F], GELU fused
-    linear(ws.h, lw.ffn_out_w, lw.ffn_out_b, out=ws.f)                           # [M, H]
+        linear(ws.a, lw.ffn_in_w, lw.ffn_in_b, gelu=True, out=ws.h, backend=backend)              # [M, F], GELU fused
+    linear(ws.h, lw.ffn_out_w, lw.ffn_out_b, out=ws.f, backend=backend)                           # [M, H]
     out2 = out.reshape(M, H)
     layer_norm(ws.f, lw.ln2_gamma, lw.ln2_beta, cfg.layer_norm_eps, residual=ws.a, out=out2)
     if keep:
@@ -188,10 +188,15 @@ def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False):
 class Encoder:
     """Embeddings and L layers of one pretrained expert, ready to run."""
 
-    def __init__(self, config, embeddings, layers):
+    def __init__(self, config, embeddings, layers, matmul_backend=None):
         self.config = config          # EncoderConfig
         self.embeddings = embeddings  # EmbeddingWeights
         self.layers = layers          # list of L LayerWeights
+        self.matmul_backend = matmul_backend  # "numba", "blas", "auto", or None = MINISLM_MATMUL / "numba"
+
+    def with_backend(self, matmul_backend):
+        """The same weights (shared, not copied) run with another matmul backend."""
+        return Encoder(self.config, self.embeddings, self.layers, matmul_backend)
 
     @classmethod
     def from_params(cls, cfg, params):
@@ -229,16 +234,6 @@ class Encoder:
                 pos_bias = relative_position_bias(cfg, self.embeddings.relative_bias, T)
             ws = Workspace.allocate(cfg, B, T)
             for i, lw in enumerate(self.layers):
-                caches.append(layer_forward(cfg, lw, hidden[i], mask_add, pos_bias, hidden[i + 1], ws, keep))
+                caches.append(layer_forward(cfg, lw, hidden[i], mask_add, pos_bias, hidden[i + 1], ws, keep,
+                                             self.matmul_backend))
         return (hidden, caches) if keep else hidden
-
-
-def pool_mean(h, mask):
-    """h [B, T, H], mask [B, T] bool -> [B, H]: mean over real tokens (sentence-transformers' recipe)."""
-    m = mask.astype(np.float32)[:, :, None]
-    return (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))
-
-
-def pool_cls(h):
-    """h [B, T, H] -> [B, H]: the first token's vector ([CLS] / <s>)."""
-    return np.ascontiguousarray(h[:, 0, :])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from minislm.config import ConfigError, EncoderConfig, from_hf_dict
+from minislm.encoder.config import ConfigError, EncoderConfig, from_hf_dict
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 # Prefixes that task-specific checkpoints put before the bare encoder's names.

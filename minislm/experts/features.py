@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from minislm.atomic import write_json
+from minislm.encoder.pooling import pool_layers
 
 SAVE_EVERY = 20  # batches between flushes of the cache (and of the resume point)
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "cache" / "features"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent.parent / "cache" / "features"
 
 
 def cache_dir_default():
@@ -53,14 +54,6 @@ def texts_sha256(texts):
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
     return h.hexdigest()
-
-
-def pool_layers(hidden, mask):
-    """[L+1, B, T, H], [B, T] -> [B, L+1, 2H]: masked mean over real tokens, then the CLS vector."""
-    m = mask.astype(np.float32)[None, :, :, None]                        # [1, B, T, 1]
-    mean = (hidden * m).sum(axis=2) / np.maximum(m.sum(axis=2), 1.0)      # [L+1, B, H]
-    cls = hidden[:, :, 0, :]                                              # [L+1, B, H]
-    return np.concatenate([mean, cls], axis=-1).transpose(1, 0, 2)        # [B, L+1, 2H]
 
 
 def length_batches(lengths, batch_size):

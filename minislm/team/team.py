@@ -1,0 +1,355 @@
+"""The trained team at inference: a lexical expert and pretrained encoders, their heads, fusion and cascade.
+
+    texts -> lexical expert (tier 0) -> confident? answer
+          -> encoder 1 pooled + standardised -> tier 1's fused head over {lexical, encoder 1} -> confident? ...
+          -> ... -> the last tier answers every row still open
+
+Training lives beside it (training.py: `train_team`); the checkpoint format (checkpoint.py) knows only arrays
+and JSON, and the team assembles itself from them here (`to_state` / `from_state`).
+"""
+from pathlib import Path
+
+import numpy as np
+
+from minislm.collab import losses, trainer
+from minislm.collab import model as collab
+from minislm.collab.model import CollabConfig
+from minislm.encoder.tokenizer import Tokenizer
+from minislm.experts import features as features_lib
+from minislm.experts import registry
+from minislm.experts.lexical import LexicalModel
+from minislm.experts.load import load_expert
+from minislm.flops import FlopLedger
+from minislm.team import cascade, checkpoint
+from minislm.team.checkpoint import CheckpointError
+from minislm.team.config import TeamConfig
+from minislm.team.costs import encoder_row_flops, head_flops
+
+LEXICAL = registry.LEXICAL
+
+
+def lexical_logprob(probs):
+    """[B, C] probabilities -> [B, 1, C] log-probabilities, the lexical expert's features."""
+    return np.log(np.clip(probs, 1e-6, 1.0)).astype(np.float32)[:, None, :]
+
+
+def short(name):
+    """A short display name of an expert."""
+    return {"paraphrase-MiniLM-L3-v2": "L3", "all-MiniLM-L6-v2": "L6", "all-mpnet-base-v2": "MPNet"}.get(name, name)
+
+
+class Team:
+    def __init__(self, cfg, lexical_tokenizer=registry.LEXICAL_TOKENIZER):
+        self.cfg = cfg                  # TeamConfig
+        self.lexical = None             # LexicalModel
+        self.lexical_tokenizer = lexical_tokenizer  # expert name (or folder) whose tokenizer.json it reads
+        self.stats = {}                 # expert -> (mean, std) of its pooled features
+        self.singles = {}               # expert -> (CollabConfig, params): stage 1
+        self.tiers = []                 # tier k -> (CollabConfig, params) over experts[:k+1]; tier 0 = lexical
+        self.thresholds = []            # confidence needed to stop at tier k (k < last)
+        self.router = None              # (CollabConfig, params): gated mode, a top-k gate fed by the lexical expert
+        self.metrics = {}               # validation numbers recorded during training
+        self.protocol = {}              # what the team was trained on
+        self.expected_sha256 = {}       # expert -> weights sha256 the team was trained with
+        self.command = None             # the command that trained it
+        self.training = None            # training.TrainingRecord of a team trained in this process (never saved)
+        self._experts = {}
+
+    # ---- experts and features ------------------------------------------------------------------------
+    def required_experts(self):
+        """Registry names this team needs on disk: its encoders and the lexical expert's tokenizer."""
+        names = [*self.cfg.encoders, self.lexical_tokenizer]
+        return [n for n in dict.fromkeys(names) if n in registry.EXPERTS]
+
+    @staticmethod
+    def experts_needed(folder):
+        """Registry names a checkpoint folder needs on disk, read from its team.json alone (so a CLI can fetch
+        them before loading)."""
+        meta = checkpoint.read_meta(folder)
+        try:
+            names = [*meta["config"]["experts"], meta["lexical"]["tokenizer"]]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder}: team.json does not describe a usable team (missing key {e}); the "
+                                  f"checkpoint is damaged or from another version: train it again") from e
+        return [n for n in dict.fromkeys(names) if isinstance(n, str) and n in registry.EXPERTS]
+
+    def expert(self, name):
+        """The loaded encoder `name`, checked to be the weights this team was trained with."""
+        if name not in self._experts:
+            e = load_expert(name)
+            want = self.expected_sha256.get(name)
+            if want and e.weights_sha256 != want and e.rehash() != want:  # re-hash: never trust a stale record
+                raise CheckpointError(f"this team was trained on {name} weights with sha256 {want[:12]}..., but "
+                                      f"{e.folder} holds {e.weights_sha256[:12]}...: train a new team for these "
+                                      f"weights or fetch the original ones (`{registry.FETCH_COMMAND}`)")
+            self._experts[name] = e
+        return self._experts[name]
+
+    def tokenizer(self):
+        """The WordPiece tokenizer the lexical expert reads."""
+        name = self.lexical_tokenizer
+        folder = registry.expert_dir(name) if name in registry.EXPERTS else Path(name)
+        return Tokenizer.from_file(folder / "tokenizer.json", max_len=512, pad_id=0)
+
+    def encoder_features(self, name, texts, split=None, progress=False):
+        """Raw pooled features [B, L+1, 2H] of texts: from the cache for a named split, else computed."""
+        e = self.expert(name)
+        if split is not None:
+            return np.asarray(features_lib.extract(e, texts, self.cfg.dataset, split, self.cfg.max_len,
+                                                   progress=progress))
+        return features_lib.pooled_features(e, texts, self.cfg.max_len)
+
+    def standardized(self, name, X):
+        mu, sd = self.stats[name]
+        return ((X - mu) / sd).astype(np.float32)
+
+    def lexical_features(self, texts, probs):
+        """The standardised lexical features the fusion reads: [B, 1, C] log-probabilities (probs [B, C] of
+        these texts), or [B, 1, D] bags when the team was trained with lexical_features="bag"."""
+        raw = self.lexical.bag(texts)[:, None, :] if self.cfg.lexical_features == "bag" else lexical_logprob(probs)
+        return self.standardized(LEXICAL, raw)
+
+    def token_lengths(self, name, texts):
+        """[B] tokens per text as expert `name` reads them (truncated to max_len)."""
+        rows = self.expert(name).tokenizer.encode(texts, self.cfg.max_len)
+        return np.array([len(r) for r in rows], dtype=np.int64)
+
+    # ---- every tier at once (experiments, threshold search) ------------------------------------------
+    def tier_probs(self, feats, lexical_probs):
+        """Every tier's probabilities [B, C] on precomputed features: a list with one entry per tier."""
+        out = [lexical_probs]
+        for c, p in self.tiers[1:]:
+            out.append(losses.softmax(trainer.logits_of(c, p, {e: feats[e] for e in c.experts})))
+        return out
+
+    def tier_flops(self, texts):
+        """Cumulative FLOPs per row of answering at each tier -> list over tiers of [B] arrays.
+
+        Reaching tier k means running the lexical expert, the encoders of tiers 1..k on the row's real tokens
+        (pooling and standardising every layer), and the head of every tier on the way (each one decides
+        whether to stop)."""
+        offsets, _ = self.lexical.bags(texts)
+        cost = self.lexical.flops(offsets).astype(np.float64)
+        out = [cost.copy()]
+        for k, name in enumerate(self.cfg.experts[1:], start=1):
+            c = self.expert(name).config
+            cost = cost + encoder_row_flops(c, self.token_lengths(name, texts)) + head_flops(self.tiers[k][0])
+            out.append(cost.copy())
+        return out
+
+    # ---- the cascade -----------------------------------------------------------------------------------
+    def _check_request(self, texts, max_tier, max_flops):
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of strings; wrap a single text as [text]")
+        last = len(self.cfg.experts) - 1
+        if max_tier is not None and (isinstance(max_tier, bool) or not isinstance(max_tier, (int, np.integer))
+                                     or not 0 <= max_tier <= last):
+            raise ValueError(f"max_tier must be a whole number from 0 to {last} (this team's tiers: "
+                             f"{', '.join(f'{k} {short(e)}' for k, e in enumerate(self.cfg.experts))}), got {max_tier!r}")
+        if max_flops is not None and not (np.isfinite(max_flops) and max_flops > 0):
+            raise ValueError(f"max_flops must be a positive number of FLOPs per text, got {max_flops!r}")
+        return last if max_tier is None else int(max_tier)
+
+    def predict_proba(self, texts, max_tier=None, max_flops=None, thresholds=None, kind="max_prob",
+                      explain=False):
+        """B texts -> (probabilities [B, C], info) through the cascade, batched: rows that exit leave the batch.
+
+        max_tier caps the tiers run; max_flops caps each row's cost (a row stops before a tier that would
+        exceed it); thresholds override the checkpoint's. info: exit_tier [B], flops [B] (per row, real
+        tokens), experts [B] (names run), reason [B], ledger (FLOPs by part), and with explain, per-row
+        gate / fusion attention weights of the answering tier.
+        """
+        cfg = self.cfg
+        last = self._check_request(texts, max_tier, max_flops)
+        B, C = len(texts), len(cfg.label_names)
+        thresholds = list(self.thresholds if thresholds is None else thresholds)
+        probs = np.zeros((B, C), dtype=np.float32)
+        exit_tier = np.full(B, -1)
+        reason, details = [""] * B, [None] * B
+        ledger = FlopLedger(B)
+        if B == 0:
+            return probs, {"exit_tier": exit_tier, "flops": ledger.per_row, "experts": [], "reason": [],
+                           "ledger": ledger.by_part}
+        offsets, _ = self.lexical.bags(texts)
+        p = self.lexical.predict_proba(texts)
+        ledger.add(LEXICAL, np.arange(B), self.lexical.flops(offsets))
+        feats = {LEXICAL: self.lexical_features(texts, p)} if LEXICAL in self.stats else {}
+        open_rows = np.arange(B)
+        for k in range(0, last + 1):
+            ex = None
+            if k == 0:
+                p_open = p[open_rows]
+            else:
+                name = cfg.experts[k]
+                e = self.expert(name)
+                token_rows = e.tokenizer.encode([texts[i] for i in open_rows], cfg.max_len)  # once per tier
+                lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
+                step = encoder_row_flops(e.config, lengths) + head_flops(self.tiers[k][0])
+                if max_flops is not None:  # rows that cannot afford this tier answer with the last one
+                    over = ledger.per_row[open_rows] + step > max_flops
+                    for r in open_rows[over]:
+                        exit_tier[r] = k - 1
+                        reason[r] = f"the next tier would exceed --max-flops {max_flops:.3g}"
+                    step, open_rows = step[~over], open_rows[~over]
+                    token_rows = [row for row, dropped in zip(token_rows, over) if not dropped]
+                    if len(open_rows) == 0:
+                        break
+                X = features_lib.pooled_features(e, None, cfg.max_len, rows=token_rows)
+                full = np.zeros((B,) + X.shape[1:], dtype=np.float32)
+                full[open_rows] = self.standardized(name, X)
+                feats[name] = full
+                ledger.add(name, open_rows, step)
+                c, params = self.tiers[k]
+                logits, cache = collab.forward(c, params, {x: feats[x][open_rows] for x in c.experts})
+                p_open = losses.softmax(logits)
+                if explain:
+                    ex = collab.explain(c, params, cache)
+            probs[open_rows] = p_open
+            conf = cascade.confidence(p_open, kind)
+            done = np.ones(len(open_rows), dtype=bool) if k == last else conf >= thresholds[k]
+            for j in np.flatnonzero(done):
+                r = open_rows[j]
+                exit_tier[r] = k
+                reason[r] = ("the last tier allowed answers every row it gets" if k == last
+                             else f"confidence {conf[j]:.3f} >= threshold {thresholds[k]:.3f}")
+                if explain:
+                    details[r] = {"tier": k} if ex is None else {
+                        "tier": k, "layer_weights": ex["layer_weights"],
+                        **{key: ex[key][j].tolist() for key in ("gate", "attention") if key in ex}}
+            open_rows = open_rows[~done]
+            if len(open_rows) == 0:
+                break
+        if not np.isfinite(probs).all():
+            raise FloatingPointError("the team produced non-finite probabilities; its checkpoint or the expert "
+                                     "weights are damaged: run `python -m minislm.weights verify` and retrain")
+        info = {"exit_tier": exit_tier, "flops": ledger.per_row.copy(), "reason": reason,
+                "experts": [list(cfg.experts[:t + 1]) for t in exit_tier], "ledger": ledger.by_part}
+        if explain:
+            info["explain"] = details
+        return probs, info
+
+    def predict(self, texts, **kw):
+        """B texts -> B label names (through the cascade)."""
+        probs, _ = self.predict_proba(texts, **kw)
+        return [self.cfg.label_names[i] for i in probs.argmax(axis=1)]
+
+    # ---- gated mode ------------------------------------------------------------------------------------
+    def router_flops(self, chosen, texts):
+        """FLOPs per row [B] of gated mode: the lexical expert, the encoders the router chose, the head."""
+        offsets, _ = self.lexical.bags(texts)
+        cost = self.lexical.flops(offsets).astype(np.float64) + head_flops(self.router[0])
+        for i, name in enumerate(self.router[0].experts):
+            if name != LEXICAL:
+                lengths = self.token_lengths(name, texts)  # each expert's own tokenizer: MPNet's can differ
+                cost += np.where(chosen[:, i], encoder_row_flops(self.expert(name).config, lengths), 0.0)
+        return cost
+
+    def predict_gated(self, texts):
+        """Gated mode: the router reads the lexical expert, picks top-k experts per row, and only those run.
+        -> (probabilities [B, C], info with the chosen experts and FLOPs per row)."""
+        if self.router is None:
+            raise ValueError("this team has no router (it was trained with router_top_k=0 or without encoders)")
+        self._check_request(texts, None, None)
+        c, params = self.router
+        B = len(texts)
+        feats = {LEXICAL: self.lexical_features(texts, self.lexical.predict_proba(texts))}
+        g = collab.gate_only(c, params, feats)                     # [B, E], k nonzero per row
+        chosen = g > 0
+        for i, name in enumerate(c.experts):
+            if name == LEXICAL:
+                continue
+            rows = np.flatnonzero(chosen[:, i])
+            e = self.expert(name)
+            full = np.zeros((B, e.config.n_layers + 1, 2 * e.config.hidden), dtype=np.float32)
+            if len(rows):
+                X = features_lib.pooled_features(e, [texts[r] for r in rows], self.cfg.max_len)
+                full[rows] = self.standardized(name, X)
+            feats[name] = full                                     # unchosen rows: zeros, weighted 0 by the gate
+        probs = losses.softmax(trainer.logits_of(c, params, feats))
+        return probs, {"gate": g, "experts": [[c.experts[i] for i in np.flatnonzero(r)] for r in chosen],
+                       "flops": self.router_flops(chosen, texts)}
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def to_state(self):
+        """-> (meta, arrays): everything a checkpoint stores, as JSON and named float32 arrays."""
+        esc = checkpoint._escape
+        arrays = {}
+        for name, (mu, sd) in self.stats.items():
+            arrays[f"stats/{esc(name)}/mean"], arrays[f"stats/{esc(name)}/std"] = mu, sd
+        for name, (_, p) in self.singles.items():
+            arrays.update(checkpoint.flatten(p, f"single/{esc(name)}"))
+        for k, tier in enumerate(self.tiers):
+            if tier is not None:
+                arrays.update(checkpoint.flatten(tier[1], f"tier{k}"))
+        if self.router is not None:
+            arrays.update(checkpoint.flatten(self.router[1], "router"))
+        lex_arrays, lex_meta = self.lexical.state()
+        arrays.update({f"lexical/{k}": v for k, v in lex_arrays.items()})
+        meta = {
+            "command": self.command, "config": self.cfg.to_dict(), "label_names": list(self.cfg.label_names),
+            "experts": [{"name": e, "tier": k, "weights_sha256": None if e == LEXICAL else self.expert(e).weights_sha256}
+                        for k, e in enumerate(self.cfg.experts)],
+            "lexical": dict(lex_meta, tokenizer=self.lexical_tokenizer),
+            "singles": {n: c.to_dict() for n, (c, _) in self.singles.items()},
+            "tiers": [None if t is None else t[0].to_dict() for t in self.tiers],
+            "router": None if self.router is None else self.router[0].to_dict(),
+            "thresholds": [float(t) for t in self.thresholds],
+            "protocol": self.protocol, "metrics": self.metrics,
+        }
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta, arrays, source="checkpoint"):
+        """Inverse of to_state; a structurally wrong meta is a CheckpointError naming what is wrong."""
+        esc = checkpoint._escape
+        try:
+            team = cls(TeamConfig.from_dict(meta["config"]), lexical_tokenizer=meta["lexical"]["tokenizer"])
+            for name in team.cfg.encoders:
+                if name not in registry.EXPERTS and not Path(name).is_dir():
+                    raise ValueError(f"expert {name!r} is neither a known expert ({', '.join(registry.EXPERTS)}) "
+                                     f"nor a model folder on this machine")
+            team.expected_sha256 = {e["name"]: e["weights_sha256"] for e in meta["experts"]}
+            for name in team.cfg.experts:
+                if f"stats/{esc(name)}/mean" in arrays:
+                    team.stats[name] = (arrays[f"stats/{esc(name)}/mean"], arrays[f"stats/{esc(name)}/std"])
+            for name, c in meta["singles"].items():
+                team.singles[name] = (CollabConfig(**c), checkpoint.unflatten(arrays, f"single/{esc(name)}"))
+            team.tiers = [None if c is None else (CollabConfig(**c), checkpoint.unflatten(arrays, f"tier{k}"))
+                          for k, c in enumerate(meta["tiers"])]
+            if len(team.tiers) != len(team.cfg.experts) or len(meta["thresholds"]) != len(team.tiers) - 1:
+                raise ValueError(f"{len(team.cfg.experts)} experts but {len(team.tiers)} tiers and "
+                                 f"{len(meta['thresholds'])} thresholds")
+            if meta.get("router"):
+                team.router = (CollabConfig(**meta["router"]), checkpoint.unflatten(arrays, "router"))
+            team.thresholds = [float(t) for t in meta["thresholds"]]
+            team.protocol, team.metrics, team.command = meta["protocol"], meta["metrics"], meta.get("command")
+            lex = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("lexical/")}
+            team.lexical = LexicalModel.from_state(lex, meta["lexical"], team.tokenizer())
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, (CheckpointError, registry.MissingExpertError, registry.DamagedExpertError)):
+                raise
+            what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise CheckpointError(f"{source}: team.json does not describe a usable team ({what}); the checkpoint "
+                                  f"is damaged or from another version: train it again") from e
+        return team
+
+    def save(self, folder, command=None):
+        """Write this team as a checkpoint folder (see checkpoint.py); an older checkpoint there is replaced
+        only once the new one is complete."""
+        if command is not None:
+            self.command = command
+        meta, arrays = self.to_state()
+        return checkpoint.write(folder, meta, arrays)
+
+    @classmethod
+    def load(cls, folder, experts=None, label_names=None):
+        """Checkpoint folder -> Team. experts / label_names, when given, must match the checkpoint's."""
+        meta, arrays = checkpoint.read(folder)
+        team = cls.from_state(meta, arrays, source=str(folder))
+        if experts is not None and list(experts) != team.cfg.experts:
+            raise CheckpointError(f"{folder} was trained with experts {team.cfg.experts}, not {list(experts)}; "
+                                  f"train a checkpoint for this expert set")
+        if label_names is not None and list(label_names) != team.cfg.label_names:
+            raise CheckpointError(f"{folder} predicts labels {team.cfg.label_names}, not {list(label_names)}; "
+                                  f"train a checkpoint for these labels")
+        return team
