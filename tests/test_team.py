@@ -9,6 +9,7 @@ from minislm.data import TextDataset
 from minislm.team import CheckpointError, Team, TeamConfig, cascade, checkpoint, train_team
 from minislm.team.costs import encoder_row_flops, head_flops
 from minislm.team.team import LEXICAL, lexical_logprob
+from minislm.team.composition import Composition
 from minislm.team.training import fit
 from tests.model_folders import make_tiny_folder
 
@@ -53,13 +54,14 @@ def test_batched_cascade_equals_the_simulation(team):
         feats[name] = team.standardized(name, team.encoder_features(name, test.texts))
     tier_probs = team.tier_probs(feats, team.lexical.predict_proba(test.texts))
     tiers, preds, cost = cascade.simulate(tier_probs, team.thresholds, team.tier_flops(test.texts))
-    np.testing.assert_array_equal(info["exit_tier"], tiers)
+    np.testing.assert_array_equal(info["exit_tier"], np.array(team.composition.active)[tiers])
     np.testing.assert_array_equal(probs.argmax(1), preds)
     np.testing.assert_allclose(info["flops"], cost, rtol=1e-12)
-    # forcing every row through every tier gives the full model's answer
-    full, info_full = team.predict_proba(test.texts, thresholds=[1.01, 1.01])
+    # forcing every row through every active tier gives the last active tier's answer
+    never = [1.01] * (len(team.composition.active) - 1)
+    full, info_full = team.predict_proba(test.texts, thresholds=never)
     np.testing.assert_allclose(full, tier_probs[-1], atol=1e-5)
-    assert (info_full["exit_tier"] == 2).all()
+    assert (info_full["exit_tier"] == team.composition.active[-1]).all()
     lex_only, info0 = team.predict_proba(test.texts, max_tier=0)
     assert (info0["exit_tier"] == 0).all() and info0["flops"].max() < 1e5
 
@@ -67,6 +69,7 @@ def test_batched_cascade_equals_the_simulation(team):
 def test_flops_count_each_expert_by_its_own_tokens(team, monkeypatch):
     """MPNet's tokenizer may cut a text into more tokens than BERT's: each tier's FLOPs use its own count."""
     team, _ = team
+    monkeypatch.setattr(team, "composition", Composition.every_tier_fused(3, [1.01, 1.01]))
     test = toy(12, 5)
     bert, mpnet = team.cfg.experts[1], team.cfg.experts[2]
     tok = team.expert(mpnet).tokenizer

@@ -60,6 +60,9 @@ class TeamConfig:
     top_k: int = 2                    # experts kept by the noisy top-k gate
     balance: float = 0.0              # weight of the gate's load-balancing loss
     router_top_k: int = 2             # gated mode: encoders the lexical-fed router runs; 0 = no router
+    tolerance: float = 0.002          # the cascade served: the cheapest setting within this accuracy of the best
+    crossfit_below: int = 4000        # below this many training rows every choice is made on out-of-fold
+                                      # predictions over all rows (k = folds), not on the validation split alone
     lexical: LexicalSettings = field(default_factory=LexicalSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0                     # the validation carve-out, the lexical expert, the out-of-fold folds
@@ -96,6 +99,8 @@ class TeamConfig:
         _whole(self, "top_k", 1, 64)
         _number(self, "balance", 0.0, 100.0)
         _whole(self, "router_top_k", 0, 64)
+        _number(self, "tolerance", 0.0, 1.0)
+        _whole(self, "crossfit_below", 0, 10 ** 9)
         _whole(self, "seed", 0, 2 ** 32 - 1)
         if self.proj_dim == 0 and self.fusion != "concat":
             raise ValueError(f"fusion {self.fusion!r} needs a common width: set proj_dim > 0")

@@ -20,7 +20,9 @@ from minislm.experts import registry
 from minislm.experts.lexical import LexicalModel
 from minislm.experts.load import load_expert
 from minislm.flops import FlopLedger
+from minislm.collab import ensembles
 from minislm.team import cascade, checkpoint
+from minislm.team.composition import Composition, stack_flops
 from minislm.team.checkpoint import CheckpointError
 from minislm.team.config import TeamConfig
 from minislm.team.costs import encoder_row_flops, head_flops
@@ -46,7 +48,7 @@ class Team:
         self.stats = {}                 # expert -> (mean, std) of its pooled features
         self.singles = {}               # expert -> (CollabConfig, params): stage 1
         self.tiers = []                 # tier k -> (CollabConfig, params) over experts[:k+1]; tier 0 = lexical
-        self.thresholds = []            # confidence needed to stop at tier k (k < last)
+        self.composition = None         # Composition: which tiers run, what each answers, where rows stop
         self.router = None              # (CollabConfig, params): gated mode, a top-k gate fed by the lexical expert
         self.metrics = {}               # validation numbers recorded during training
         self.protocol = {}              # what the team was trained on
@@ -114,27 +116,64 @@ class Team:
         rows = self.expert(name).tokenizer.encode(texts, self.cfg.max_len)
         return np.array([len(r) for r in rows], dtype=np.int64)
 
-    # ---- every tier at once (experiments, threshold search) ------------------------------------------
+    @property
+    def thresholds(self):
+        """Confidence needed to stop at each active tier but the last."""
+        return self.composition.thresholds
+
+    # ---- what each tier answers ------------------------------------------------------------------------
+    def member_probs(self, name, feats, lexical_probs):
+        """Member `name`'s own probabilities [B, C] (its stage-1 model) on precomputed features."""
+        if name == LEXICAL:
+            return lexical_probs
+        c, p = self.singles[name]
+        return losses.softmax(trainer.logits_of(c, p, {name: feats[name]}))
+
+    def fused_probs(self, k, feats):
+        """Tier k's trained collaboration's probabilities [B, C]."""
+        c, p = self.tiers[k]
+        return losses.softmax(trainer.logits_of(c, p, {e: feats[e] for e in c.experts}))
+
+    def answer_probs(self, k, feats, lexical_probs):
+        """What active tier k serves [B, C]: a member alone, the stack of members, or the fused head."""
+        a = self.composition.answers[k]
+        if a.kind == "single":
+            return self.member_probs(a.experts[0], feats, lexical_probs)
+        if a.kind == "stack":
+            P = np.stack([self.member_probs(e, feats, lexical_probs) for e in a.experts], axis=1)
+            return ensembles.stacking_predict(self.composition.stacks[k], P)
+        return self.fused_probs(k, feats)
+
+    def answer_flops(self, k):
+        """FLOPs per row of active tier k's answer, beyond running its encoder."""
+        a = self.composition.answers[k]
+        members = lambda ex: sum(head_flops(self.singles[e][0]) for e in ex if e != LEXICAL)  # noqa: E731
+        if a.kind == "single":
+            return members(a.experts)
+        if a.kind == "stack":
+            return members(a.experts) + stack_flops(len(a.experts), len(self.cfg.label_names))
+        return head_flops(self.tiers[k][0])
+
+    # ---- every active tier at once (experiments, threshold search) -----------------------------------
     def tier_probs(self, feats, lexical_probs):
-        """Every tier's probabilities [B, C] on precomputed features: a list with one entry per tier."""
-        out = [lexical_probs]
-        for c, p in self.tiers[1:]:
-            out.append(losses.softmax(trainer.logits_of(c, p, {e: feats[e] for e in c.experts})))
-        return out
+        """Every active tier's answer [B, C] on precomputed features: a list, one entry per active tier."""
+        return [self.answer_probs(k, feats, lexical_probs) for k in self.composition.active]
 
     def tier_flops(self, texts):
-        """Cumulative FLOPs per row of answering at each tier -> list over tiers of [B] arrays.
+        """Cumulative FLOPs per row of answering at each active tier -> list over active tiers of [B].
 
-        Reaching tier k means running the lexical expert, the encoders of tiers 1..k on the row's real tokens
-        (pooling and standardising every layer), and the head of every tier on the way (each one decides
-        whether to stop)."""
+        Reaching tier k means running the lexical expert, the encoders of the active tiers up to k on the row's
+        real tokens (pooling and standardising every layer), and the answer of every active tier on the way
+        (each one decides whether to stop)."""
         offsets, _ = self.lexical.bags(texts)
         cost = self.lexical.flops(offsets).astype(np.float64)
-        out = [cost.copy()]
-        for k, name in enumerate(self.cfg.experts[1:], start=1):
-            c = self.expert(name).config
-            cost = cost + encoder_row_flops(c, self.token_lengths(name, texts)) + head_flops(self.tiers[k][0])
-            out.append(cost.copy())
+        out = []
+        for k in self.composition.active:
+            if k > 0:
+                name = self.cfg.experts[k]
+                cost = cost + encoder_row_flops(self.expert(name).config, self.token_lengths(name, texts))
+            cost = cost + self.answer_flops(k)
+            out.append(cost)
         return out
 
     # ---- the cascade -----------------------------------------------------------------------------------
@@ -154,15 +193,20 @@ class Team:
                       explain=False):
         """B texts -> (probabilities [B, C], info) through the cascade, batched: rows that exit leave the batch.
 
-        max_tier caps the tiers run; max_flops caps each row's cost (a row stops before a tier that would
-        exceed it); thresholds override the checkpoint's. info: exit_tier [B], flops [B] (per row, real
-        tokens), experts [B] (names run), reason [B], ledger (FLOPs by part), and with explain, per-row
-        gate / fusion attention weights of the answering tier.
+        Only the composition's active tiers run. max_tier caps the tiers run (tier numbers count every expert,
+        0 = lexical); max_flops caps each row's cost (a row stops before a tier that would exceed it);
+        thresholds override the checkpoint's (one per active tier but the last). info: exit_tier [B],
+        flops [B] (per row, real tokens), experts [B] (names run), reason [B], ledger (FLOPs by part), and
+        with explain, per-row gate / fusion attention weights of the answering tier.
         """
-        cfg = self.cfg
+        cfg, comp = self.cfg, self.composition
         last = self._check_request(texts, max_tier, max_flops)
+        active = [k for k in comp.active if k <= last]
+        thresholds = list(comp.thresholds if thresholds is None else thresholds)
+        if len(thresholds) != len(comp.active) - 1:
+            raise ValueError(f"give {len(comp.active) - 1} thresholds, one per active tier but the last "
+                             f"(active tiers: {comp.active}), got {len(thresholds)}")
         B, C = len(texts), len(cfg.label_names)
-        thresholds = list(self.thresholds if thresholds is None else thresholds)
         probs = np.zeros((B, C), dtype=np.float32)
         exit_tier = np.full(B, -1)
         reason, details = [""] * B, [None] * B
@@ -171,24 +215,21 @@ class Team:
             return probs, {"exit_tier": exit_tier, "flops": ledger.per_row, "experts": [], "reason": [],
                            "ledger": ledger.by_part}
         offsets, _ = self.lexical.bags(texts)
-        p = self.lexical.predict_proba(texts)
+        p_lex = self.lexical.predict_proba(texts)
         ledger.add(LEXICAL, np.arange(B), self.lexical.flops(offsets))
-        feats = {LEXICAL: self.lexical_features(texts, p)} if LEXICAL in self.stats else {}
+        feats = {LEXICAL: self.lexical_features(texts, p_lex)} if LEXICAL in self.stats else {}
         open_rows = np.arange(B)
-        for k in range(0, last + 1):
-            ex = None
-            if k == 0:
-                p_open = p[open_rows]
-            else:
+        for j, k in enumerate(active):
+            step = np.full(len(open_rows), float(self.answer_flops(k)))
+            if k > 0:
                 name = cfg.experts[k]
                 e = self.expert(name)
                 token_rows = e.tokenizer.encode([texts[i] for i in open_rows], cfg.max_len)  # once per tier
-                lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
-                step = encoder_row_flops(e.config, lengths) + head_flops(self.tiers[k][0])
+                step += encoder_row_flops(e.config, np.array([len(r) for r in token_rows], dtype=np.int64))
                 if max_flops is not None:  # rows that cannot afford this tier answer with the last one
                     over = ledger.per_row[open_rows] + step > max_flops
                     for r in open_rows[over]:
-                        exit_tier[r] = k - 1
+                        exit_tier[r] = active[j - 1]
                         reason[r] = f"the next tier would exceed --max-flops {max_flops:.3g}"
                     step, open_rows = step[~over], open_rows[~over]
                     token_rows = [row for row, dropped in zip(token_rows, over) if not dropped]
@@ -198,24 +239,26 @@ class Team:
                 full = np.zeros((B,) + X.shape[1:], dtype=np.float32)
                 full[open_rows] = self.standardized(name, X)
                 feats[name] = full
-                ledger.add(name, open_rows, step)
+            ledger.add(cfg.experts[k] if k > 0 else f"{LEXICAL}/answer", open_rows, step)
+            sub = {x: v[open_rows] for x, v in feats.items()}
+            p_open = self.answer_probs(k, sub, p_lex[open_rows])
+            ex = None
+            if explain and comp.answers[k].kind == "fused":
                 c, params = self.tiers[k]
-                logits, cache = collab.forward(c, params, {x: feats[x][open_rows] for x in c.experts})
-                p_open = losses.softmax(logits)
-                if explain:
-                    ex = collab.explain(c, params, cache)
+                ex = collab.explain(c, params, collab.forward(c, params, {x: sub[x] for x in c.experts})[1])
             probs[open_rows] = p_open
             conf = cascade.confidence(p_open, kind)
-            done = np.ones(len(open_rows), dtype=bool) if k == last else conf >= thresholds[k]
-            for j in np.flatnonzero(done):
-                r = open_rows[j]
+            final = j == len(active) - 1
+            done = np.ones(len(open_rows), dtype=bool) if final else conf >= thresholds[j]
+            for i in np.flatnonzero(done):
+                r = open_rows[i]
                 exit_tier[r] = k
-                reason[r] = ("the last tier allowed answers every row it gets" if k == last
-                             else f"confidence {conf[j]:.3f} >= threshold {thresholds[k]:.3f}")
+                reason[r] = ("the last tier allowed answers every row it gets" if final
+                             else f"confidence {conf[i]:.3f} >= threshold {thresholds[j]:.3f}")
                 if explain:
-                    details[r] = {"tier": k} if ex is None else {
-                        "tier": k, "layer_weights": ex["layer_weights"],
-                        **{key: ex[key][j].tolist() for key in ("gate", "attention") if key in ex}}
+                    details[r] = {"tier": k, "answer": comp.answers[k].name} if ex is None else {
+                        "tier": k, "answer": "fused", "layer_weights": ex["layer_weights"],
+                        **{key: ex[key][i].tolist() for key in ("gate", "attention") if key in ex}}
             open_rows = open_rows[~done]
             if len(open_rows) == 0:
                 break
@@ -223,7 +266,8 @@ class Team:
             raise FloatingPointError("the team produced non-finite probabilities; its checkpoint or the expert "
                                      "weights are damaged: run `python -m minislm.weights verify` and retrain")
         info = {"exit_tier": exit_tier, "flops": ledger.per_row.copy(), "reason": reason,
-                "experts": [list(cfg.experts[:t + 1]) for t in exit_tier], "ledger": ledger.by_part}
+                "experts": [[cfg.experts[a] for a in active if a <= t] for t in exit_tier],
+                "ledger": ledger.by_part}
         if explain:
             info["explain"] = details
         return probs, info
@@ -283,6 +327,8 @@ class Team:
                 arrays.update(checkpoint.flatten(tier[1], f"tier{k}"))
         if self.router is not None:
             arrays.update(checkpoint.flatten(self.router[1], "router"))
+        for k, params in self.composition.stacks.items():
+            arrays.update(checkpoint.flatten(params, f"stack{k}"))
         lex_arrays, lex_meta = self.lexical.state()
         arrays.update({f"lexical/{k}": v for k, v in lex_arrays.items()})
         meta = {
@@ -293,10 +339,25 @@ class Team:
             "singles": {n: c.to_dict() for n, (c, _) in self.singles.items()},
             "tiers": [None if t is None else t[0].to_dict() for t in self.tiers],
             "router": None if self.router is None else self.router[0].to_dict(),
-            "thresholds": [float(t) for t in self.thresholds],
+            "composition": self.composition.to_dict(),
             "protocol": self.protocol, "metrics": self.metrics,
         }
         return meta, arrays
+
+    def check_composition(self):
+        """The composition only refers to tiers, members and heads this team has."""
+        comp, n = self.composition, len(self.cfg.experts)
+        if not comp.active or comp.active[0] != 0 or sorted(set(comp.active)) != comp.active or comp.active[-1] >= n:
+            raise ValueError(f"active tiers {comp.active} must start at 0, ascend and stay below {n}")
+        if len(comp.thresholds) != len(comp.active) - 1 or set(comp.answers) != set(comp.active):
+            raise ValueError("the composition's thresholds or answers do not match its active tiers")
+        for k, a in comp.answers.items():
+            if a.kind == "fused" and self.tiers[k] is None:
+                raise ValueError(f"tier {k} serves its fused head, which the checkpoint does not hold")
+            if a.kind in ("single", "stack") and any(e != LEXICAL and e not in self.singles for e in a.experts):
+                raise ValueError(f"tier {k} serves members {a.experts} without their models")
+            if a.kind == "stack" and k not in comp.stacks:
+                raise ValueError(f"tier {k} serves a stack whose weights are missing")
 
     @classmethod
     def from_state(cls, meta, arrays, source="checkpoint"):
@@ -316,12 +377,15 @@ class Team:
                 team.singles[name] = (CollabConfig(**c), checkpoint.unflatten(arrays, f"single/{esc(name)}"))
             team.tiers = [None if c is None else (CollabConfig(**c), checkpoint.unflatten(arrays, f"tier{k}"))
                           for k, c in enumerate(meta["tiers"])]
-            if len(team.tiers) != len(team.cfg.experts) or len(meta["thresholds"]) != len(team.tiers) - 1:
-                raise ValueError(f"{len(team.cfg.experts)} experts but {len(team.tiers)} tiers and "
-                                 f"{len(meta['thresholds'])} thresholds")
+            if len(team.tiers) != len(team.cfg.experts):
+                raise ValueError(f"{len(team.cfg.experts)} experts but {len(team.tiers)} tiers")
             if meta.get("router"):
                 team.router = (CollabConfig(**meta["router"]), checkpoint.unflatten(arrays, "router"))
-            team.thresholds = [float(t) for t in meta["thresholds"]]
+            cm = meta["composition"]
+            stacks = {int(k): checkpoint.unflatten(arrays, f"stack{k}") for k, a in cm["answers"].items()
+                      if a["kind"] == "stack"}
+            team.composition = Composition.from_dict(cm, stacks)
+            team.check_composition()
             team.protocol, team.metrics, team.command = meta["protocol"], meta["metrics"], meta.get("command")
             lex = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("lexical/")}
             team.lexical = LexicalModel.from_state(lex, meta["lexical"], team.tokenizer())

@@ -8,7 +8,9 @@
              from stage 1
     stage 3  the cheaper prefixes of the team (lexical; lexical + L3; ...) distilled from the full model:
              these are the cascade's tiers
-    then     cascade thresholds chosen on the validation split (cascade.py)
+    then     the composition (composition.py): which tiers run, what each serves (a member, a stack of members
+             or the fused head) and the thresholds, chosen on the validation rows, or for small data on
+             out-of-fold predictions over every training row
 
 The lexical expert joins the fusion through its class log-probabilities, computed out-of-fold on the rows
 the fusion trains on (k lexical models, each blind to its fold): a bag trained on the same rows would look
@@ -23,7 +25,8 @@ from minislm import data as data_lib
 from minislm.collab import losses, trainer
 from minislm.collab import model as collab
 from minislm.experts.lexical import LexicalModel
-from minislm.team import cascade
+from minislm.team import composition
+from minislm.team.costs import encoder_row_flops, head_flops
 from minislm.team.config import TeamConfig
 from minislm.team.team import LEXICAL, Team, lexical_logprob, short
 
@@ -99,31 +102,24 @@ def train_router(team, rec, log=None):
     return c, params
 
 
-def fit(team, train, log=print, progress=True):
-    """Stages 1-3 and the threshold search on `train` (a TextDataset) -> the team, with team.training set."""
-    cfg = team.cfg
-    train, facts = data_lib.clean_training(train)
-    for line in facts["notes"]:
-        log(f"data: {line}")
-    fit_idx, val_idx = split_rows(train.labels, cfg.val_fraction, cfg.seed)
+def train_split(team, train, fit_idx, val_idx, raw, log=None, router=True):
+    """Stages 1-3 on one (fit, validation) split of `train`: sets the team's lexical expert, stats, singles,
+    tiers (and router) -> TrainingRecord. raw: encoder -> pooled features [B, L+1, 2H] of every row."""
+    cfg, say = team.cfg, (log or (lambda s: None))
     y_fit, y_val = train.labels[fit_idx], train.labels[val_idx]
-    if len(np.unique(y_fit)) < 2 or len(val_idx) == 0:
-        raise data_lib.DataError(f"{len(train)} usable rows are too few to fit and validate on; give more rows "
-                                 f"(at least a few per class)")
-    team.protocol = dict(train.protocol, n_fit=len(fit_idx), n_val=len(val_idx), cleaning=facts["counts"])
     C = len(cfg.label_names)
     texts_fit = [train.texts[i] for i in fit_idx]
     texts_val = [train.texts[i] for i in val_idx]
     feats_fit, feats_val = {}, {}
 
-    log(f"stage 1: lexical expert ({len(fit_idx)} fit rows, {len(val_idx)} validation rows)")
+    say(f"stage 1: lexical expert ({len(fit_idx)} fit rows, {len(val_idx)} validation rows)")
     tok, lx = team.tokenizer(), cfg.lexical
     make = lambda: LexicalModel.create(tok, C, cfg.label_names, dim=lx.dim, n_buckets=lx.n_buckets,  # noqa: E731
                                        seed=cfg.seed)
     team.lexical = make().fit(texts_fit, y_fit, epochs=lx.epochs, lr=lx.lr, seed=cfg.seed)
     p_val = team.lexical.predict_proba(texts_val)
     team.metrics["val_single"] = {LEXICAL: trainer.accuracy(p_val, y_val)}
-    log(f"  lexical val acc {team.metrics['val_single'][LEXICAL]:.4f}")
+    say(f"  lexical val acc {team.metrics['val_single'][LEXICAL]:.4f}")
     if cfg.lexical_features == "oof":
         oof = np.zeros((len(fit_idx), C), dtype=np.float32)
         for k, (tr, ho) in enumerate(data_lib.kfold(y_fit, min(cfg.folds, len(fit_idx)), cfg.seed)):
@@ -136,36 +132,103 @@ def fit(team, train, log=print, progress=True):
     feats_fit[LEXICAL], feats_val[LEXICAL] = team.standardized(LEXICAL, raw_fit), team.standardized(LEXICAL, raw_val)
 
     for name in cfg.encoders:
-        log(f"stage 1: {name}")
-        X = team.encoder_features(name, train.texts, split=train.split, progress=progress)
+        say(f"stage 1: {name}")
+        X = raw[name]
         team.stats[name] = standardize_stats(X[fit_idx])
         feats_fit[name], feats_val[name] = team.standardized(name, X[fit_idx]), team.standardized(name, X[val_idx])
-        del X
         c1 = collab_config(cfg, [name], feats_fit, fusion="concat", proj_dim=0)
         params, info = trainer.fit(c1, {name: feats_fit[name]}, y_fit, {name: feats_val[name]}, y_val, cfg.train)
         team.singles[name] = (c1, params)
         team.metrics["val_single"][name] = info["val_accuracy"]
-        log(f"  {name} val acc {info['val_accuracy']:.4f} (epoch {info['best_epoch']})")
+        say(f"  {name} val acc {info['val_accuracy']:.4f} (epoch {info['best_epoch']})")
 
     rec = TrainingRecord(fit_idx, val_idx, y_fit, y_val, feats_fit, feats_val, p_val, texts_val, train)
-    team.training = rec
     team.tiers = [None] * len(cfg.experts)
     if len(cfg.experts) > 1:
-        log(f"stage 2: {cfg.fusion} fusion over {', '.join(cfg.experts)}")
-        full_cfg, full = train_fusion(team, cfg.experts, rec, log=log)
+        say(f"stage 2: {cfg.fusion} fusion over {', '.join(cfg.experts)}")
+        full_cfg, full = train_fusion(team, cfg.experts, rec, log=say)
         team.tiers[-1] = (full_cfg, full)
-        log("stage 3: cascade tiers distilled from the full fusion")
+        say("stage 3: cascade tiers distilled from the full fusion")
         teacher = losses.softmax(trainer.logits_of(full_cfg, full, feats_fit), cfg.train.distill_temperature)
         for k in range(1, len(cfg.experts) - 1):
-            team.tiers[k] = train_fusion(team, cfg.experts[:k + 1], rec, teacher=teacher, log=log)
-    if cfg.router_top_k and cfg.encoders:
-        log(f"gated mode: a top-{cfg.router_top_k} router fed by the lexical expert")
-        team.router = train_router(team, rec, log=log)
-    tier_probs = team.tier_probs(feats_val, p_val)
-    team.metrics["val_tiers"] = [float(trainer.accuracy(p, y_val)) for p in tier_probs]
-    log("cascade thresholds on the validation split")
-    team.thresholds, team.metrics["val_cascade"] = cascade.choose_thresholds(tier_probs, y_val,
-                                                                             team.tier_flops(texts_val))
+            team.tiers[k] = train_fusion(team, cfg.experts[:k + 1], rec, teacher=teacher, log=say)
+    if router and cfg.router_top_k and cfg.encoders:
+        say(f"gated mode: a top-{cfg.router_top_k} router fed by the lexical expert")
+        team.router = train_router(team, rec, log=say)
+    return rec
+
+
+def evidence(team, feats, lexical_probs, y, texts):
+    """The candidates' probabilities and costs on held-apart rows, as composition.compose reads them."""
+    cfg = team.cfg
+    members = {e: team.member_probs(e, feats, lexical_probs) for e in cfg.experts}
+    fused = {k: team.fused_probs(k, feats) for k in range(1, len(cfg.experts)) if team.tiers[k] is not None}
+    offsets, _ = team.lexical.bags(texts)
+    enc = {e: encoder_row_flops(team.expert(e).config, team.token_lengths(e, texts)) for e in cfg.encoders}
+    heads = {f"single:{e}": head_flops(team.singles[e][0]) for e in cfg.encoders}
+    heads.update({f"fused:{k}": head_flops(team.tiers[k][0]) for k in fused})
+    return composition.Evidence(cfg.experts, np.asarray(y), members, fused, enc,
+                                team.lexical.flops(offsets).astype(np.float64), heads, cfg.folds, cfg.seed)
+
+
+def crossfit_evidence(team, train, raw, log):
+    """Small data: every candidate's out-of-fold probabilities over ALL training rows (k fold teams, each
+    trained on the other folds with its own inner validation split) -> Evidence on len(train) rows."""
+    cfg, N = team.cfg, len(train)
+    parts = []
+    for f, (rest, held) in enumerate(data_lib.kfold(train.labels, min(cfg.folds, N), cfg.seed + 7)):
+        log(f"cross-fitting: fold {f + 1} of {min(cfg.folds, N)} ({len(rest)} rows train, {len(held)} held)")
+        inner_fit, inner_val = split_rows(train.labels[rest], cfg.val_fraction, cfg.seed)
+        fold = Team(cfg, lexical_tokenizer=team.lexical_tokenizer)
+        fold._experts = team._experts  # share the loaded encoders
+        train_split(fold, train, rest[inner_fit], rest[inner_val], raw, log=None, router=False)
+        held_texts = [train.texts[i] for i in held]
+        p_lex = fold.lexical.predict_proba(held_texts)
+        feats = {LEXICAL: fold.lexical_features(held_texts, p_lex)}
+        feats.update({e: fold.standardized(e, raw[e][held]) for e in cfg.encoders})
+        parts.append((held, evidence(fold, feats, p_lex, train.labels[held], held_texts)))
+    order = np.concatenate([h for h, _ in parts])
+    inverse = np.argsort(order)
+    join = lambda get: np.concatenate([get(ev) for _, ev in parts])[inverse]  # noqa: E731
+    first = parts[0][1]
+    return composition.Evidence(
+        cfg.experts, join(lambda ev: ev.y), {e: join(lambda ev: ev.members[e]) for e in first.members},
+        {k: join(lambda ev: ev.fused[k]) for k in first.fused}, {e: join(lambda ev: ev.encoder_flops[e])
+                                                                for e in first.encoder_flops},
+        join(lambda ev: ev.lexical_flops), first.head_flops, cfg.folds, cfg.seed)
+
+
+def fit(team, train, log=print, progress=True):
+    """Stages 1-3 and the composition on `train` (a TextDataset) -> the team, with team.training set."""
+    cfg = team.cfg
+    train, facts = data_lib.clean_training(train)
+    for line in facts["notes"]:
+        log(f"data: {line}")
+    fit_idx, val_idx = split_rows(train.labels, cfg.val_fraction, cfg.seed)
+    if len(np.unique(train.labels[fit_idx])) < 2 or len(val_idx) == 0:
+        raise data_lib.DataError(f"{len(train)} usable rows are too few to fit and validate on; give more rows "
+                                 f"(at least a few per class)")
+    team.protocol = dict(train.protocol, n_fit=len(fit_idx), n_val=len(val_idx), cleaning=facts["counts"])
+    raw = {}
+    for name in cfg.encoders:
+        log(f"features: {name}")
+        raw[name] = team.encoder_features(name, train.texts, split=train.split, progress=progress)
+    rec = train_split(team, train, fit_idx, val_idx, raw, log=log)
+    team.training = rec
+    if len(train) < cfg.crossfit_below:
+        log(f"composition: {len(train)} rows < {cfg.crossfit_below}, so every choice is cross-fitted over all rows")
+        ev = crossfit_evidence(team, train, raw, log)
+    else:
+        log(f"composition: chosen on the {len(val_idx)} validation rows")
+        ev = evidence(team, rec.feats_val, rec.lexical_val, rec.y_val, rec.texts_val)
+    comp, record = composition.compose(ev, cfg.tolerance)
+    team.composition = composition.fit_stacks(comp, ev)
+    team.metrics["composition"] = record
+    team.metrics["val_tiers"] = [float(trainer.accuracy(p, rec.y_val))
+                                 for p in team.tier_probs(rec.feats_val, rec.lexical_val)]
+    log(f"  serving tiers {record['active']} with {record['answers']}: accuracy {record['accuracy']:.4f} "
+        f"(cross-fitted estimate {record['estimate']['accuracy']:.4f}) at "
+        f"{record['estimate']['gflops_per_sample']:.3f} GFLOPs per text")
     return team
 
 
