@@ -7,7 +7,8 @@ erf(x) ~ x P(x^2) / Q(x^2) on |x| <= 4 (erf(4) rounds to 1 in float32), fitted f
 least squares on Chebyshev points, max abs error 3.5e-7 over the float32 line. It is only mul/add/div/min/max,
 so the whole GELU loop becomes AVX-512 code. Softmax uses `exp32` for the same reason (libm's `expf` is a
 scalar call): exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2, e^r by its Taylor series to r^7
-(relative error 3e-7), and 2^n built directly in the float's exponent bits.
+(relative error 3e-7), and 2^n built directly in the float's exponent bits. GELU's backward,
+GELU'(x) = Phi(x) + x phi(x), uses both: erf32 for Phi, exp32 for the density phi.
 """
 import math
 

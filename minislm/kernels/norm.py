@@ -3,6 +3,7 @@
 Two passes over each row (mean, then the mean squared deviation) instead of E[h^2] - E[h]^2, which cancels
 catastrophically when |mean| >> std. Both sums, and the centring, are done in float64 registers: a float32
 sum of H values near 1e4 would already be off by ~1e-4 in the mean, more than the kernel's whole tolerance.
+The backward recomputes mean and rstd the same way, in float64.
 """
 import numpy as np
 from numba import njit, prange
@@ -135,8 +136,9 @@ def layer_norm_backward(x, gamma, eps, dy, residual=None, out=None, dgamma=None,
 
     dh = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy gamma (see layer_norm_backward_reference); it is
     the gradient of x and of residual alike. Mean and rstd are recomputed from x + residual rather than saved:
-    two passes over a row, which is then read once more anyway. All float32; `out` [M, H] may be dy, x or residual itself.
-    dgamma, dbeta [H] are written when given, or added to with accumulate=True (e.g. over micro-batches).
+    two passes over a row, which is then read once more anyway. All float32; `out` [M, H] may be dy, x or
+    residual itself. dgamma, dbeta [H] are written when given, or added to with accumulate=True (e.g. over
+    micro-batches).
     """
     check_array("layer_norm_backward", "x", x, ndim=2)
     M, H = x.shape
