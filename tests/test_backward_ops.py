@@ -473,3 +473,17 @@ def test_pool_cls_backward_matches_autograd():
     h, d_pooled = rand(rng, 3, 4, 2), rand(rng, 3, 2)
     got = pool_cls_backward(d_pooled, 4)
     assert_close(got, torch_grads(lambda h_: h_[:, 0], (h,), d_pooled)[0], GRAD_ATOL, GRAD_RTOL, "CLS vs autograd")
+
+
+def test_attention_backward_tiled_kernel_matches_its_readable_version():
+    """The tiled kernel against _attention_backward_kernel_reference, the same math one query row at a time."""
+    import numba
+
+    from minislm.kernels.attention import _attention_backward_kernel_reference
+
+    rng = np.random.default_rng(10)
+    B, T, N, D = 3, 45, 3, 40
+    qkv, mask, pos_bias, dctx = attention_inputs(rng, B, T, N, D, [45, 1, 30], True, F32_MIN, np.float32)
+    want = np.empty_like(qkv), np.empty((N, T, T), np.float32)
+    _attention_backward_kernel_reference(qkv, mask, N, pos_bias, dctx, numba.config.NUMBA_NUM_THREADS, *want)
+    check_attention_kernel(attention_backward(qkv, mask, N, pos_bias, dctx), want, "tiled vs one-row kernel")
