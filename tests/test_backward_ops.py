@@ -487,3 +487,28 @@ def test_attention_backward_tiled_kernel_matches_its_readable_version():
     want = np.empty_like(qkv), np.empty((N, T, T), np.float32)
     _attention_backward_kernel_reference(qkv, mask, N, pos_bias, dctx, numba.config.NUMBA_NUM_THREADS, *want)
     check_attention_kernel(attention_backward(qkv, mask, N, pos_bias, dctx), want, "tiled vs one-row kernel")
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def test_backward_flop_formulas_match_torch_counter():
+    """torch.utils.flop_counter counts the products autograd runs; attention_backward runs one more, the
+    recomputed scores q k^T, which the forward's count has."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minislm.kernels.attention import attention_backward_flops, attention_flops
+    from minislm.kernels.matmul import linear_backward_flops
+
+    M, K, N = 6, 10, 7
+    x, w, b = leaf(np.ones((M, K))), leaf(np.ones((N, K))), leaf(np.ones(N))
+    y = F.linear(x, w, b)
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()
+    assert linear_backward_flops(M, K, N)["matmul"] == counter.get_total_flops()
+    B, T, Nh, D = 2, 5, 3, 4
+    qkv = leaf(np.ones((B, T, 3 * Nh * D)))
+    out = torch_attention(Nh)(qkv, torch.zeros(B, T, dtype=torch.float64), None)
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    scores = attention_flops(B, T, Nh, D)["matmul"] // 2  # q k^T, half of the forward's two products
+    assert attention_backward_flops(B, T, Nh, D)["matmul"] == counter.get_total_flops() + scores
