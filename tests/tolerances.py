@@ -17,3 +17,10 @@ FD_ATOL = 1e-6
 FD_RTOL = 1e-4
 # Converted ONNX weights run by transformers vs onnxruntime on the original file.
 CONVERT_ATOL = 1e-5
+# float32 backward kernels against their NumPy references run in float64 (the GEMMs of linear_backward use
+# MATMUL_ATOL / MATMUL_RTOL, relative to |dy| |w| and |dy|^T |x|, as the forward does).
+BACKWARD_KERNEL_ATOL = 1e-5
+BACKWARD_KERNEL_RTOL = 1e-5
+# Attention's gradients sum T products of float32 scores and probabilities twice over: atol is this times the
+# largest gradient of the array, rtol this (worst seen 3.5e-7 at T <= 64).
+ATTENTION_BACKWARD_RTOL = 5e-6

@@ -7,7 +7,8 @@ erf(x) ~ x P(x^2) / Q(x^2) on |x| <= 4 (erf(4) rounds to 1 in float32), fitted f
 least squares on Chebyshev points, max abs error 3.5e-7 over the float32 line. It is only mul/add/div/min/max,
 so the whole GELU loop becomes AVX-512 code. Softmax uses `exp32` for the same reason (libm's `expf` is a
 scalar call): exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2, e^r by its Taylor series to r^7
-(relative error 3e-7), and 2^n built directly in the float's exponent bits.
+(relative error 3e-7), and 2^n built directly in the float's exponent bits. GELU's backward,
+GELU'(x) = Phi(x) + x phi(x), uses both: erf32 for Phi, exp32 for the density phi.
 """
 import math
 
@@ -118,6 +119,43 @@ def gelu(x, out=None):
     check_array("gelu", "x", x)
     out = output_array("gelu", out, x.shape)
     _gelu_kernel(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), the normal density's constant
+
+
+def gelu_backward_reference(x, dy):
+    """x, dy [...] -> dx [...]: dy * GELU'(x), GELU'(x) = Phi(x) + x phi(x) with phi the standard normal
+    density. Plain NumPy, computed in float64 and returned in the inputs' dtype (float64 stays float64)."""
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1.0 + _erf64(x64 / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x64 * x64) * _INV_SQRT_2PI
+    return (dy * (cdf + x64 * pdf)).astype(np.result_type(x, dy))
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _gelu_backward_kernel(x, dy, out):
+    # [S], [S] -> [S], flat views; out may be dy (each element is read before it is written)
+    n = x.shape[0]
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            v = x[i]
+            cdf = np.float32(0.5) * (np.float32(1.0) + erf32(v * np.float32(0.7071067811865476)))
+            pdf = exp32(np.float32(-0.5) * v * v) * np.float32(_INV_SQRT_2PI)  # exactly 0 for |v| > 13
+            out[i] = dy[i] * (cdf + v * pdf)
+
+
+def gelu_backward(x, dy, out=None):
+    """x, dy [...] -> dx [...] float32: dy * (Phi(x) + x phi(x)), the backward of `gelu`.
+
+    x is GELU's input (the encoder keeps it as ffn_pre); the bias of the linear before it gets the sum of dx
+    over rows from `linear_backward`. `out` (same shape) is written in place when given; it may be dy.
+    """
+    check_array("gelu_backward", "x", x)
+    check_array("gelu_backward", "dy", dy, shape=x.shape)
+    out = output_array("gelu_backward", out, x.shape)
+    _gelu_backward_kernel(x.reshape(-1), dy.reshape(-1), out.reshape(-1))
     return out
 
 

@@ -247,3 +247,309 @@ def attention_flops(B, T, n_heads, head_dim, position_bias=False):
     scores = B * n_heads * T * T
     per_score = SOFTMAX_FLOPS_PER_ELEM + SCORE_FLOPS_PER_ELEM + (1 if position_bias else 0)
     return {"matmul": B * n_heads * 2 * (2 * T * head_dim * T), "other": scores * per_score}
+
+
+# ---------------------------------------------------------------- backward
+#
+# Per (batch row, head), with S = q k^T / sqrt(D) + pos_bias + mask, P = softmax(S) row by row, O = P v:
+#     dv = P^T dO,   dP = dO v^T,   dS = P * (dP - rowsum(P * dP)),   dq = dS k / sqrt(D),   dk = dS^T q / sqrt(D)
+# and the position bias, shared by the batch, gets the sum of dS over it. P is recomputed from qkv, one
+# (batch row, head) block at a time in per-thread scratch: nothing of size [B, N, T, T] exists, and the bias
+# gradient is one [N, T, T] per thread. A padding key has P = 0 exactly
+# (see `exp32`), hence dS = 0 in its column and dk = dv = 0; a padding query row is an ordinary row.
+
+from minislm.kernels.activations import softmax_np  # noqa: E402  (the float64-capable softmax of the reference)
+
+def attention_backward_reference(qkv, mask_add, n_heads, pos_bias, dctx):
+    """qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or None, dctx [B, T, H]
+    -> (dqkv [B, T, 3H], dpos_bias [N, T, T] summed over the batch, or None). Plain NumPy in the inputs' dtype,
+    one (batch row, head) block of scores at a time; the math is in the section comment above."""
+    B, T, H3 = qkv.shape
+    H = H3 // 3
+    D = H // n_heads
+    scale = 1.0 / math.sqrt(D)
+    dqkv = np.zeros_like(qkv, dtype=np.result_type(qkv, dctx))
+    dbias = None if pos_bias is None else np.zeros(pos_bias.shape, dtype=dqkv.dtype)
+    for b in range(B):
+        for h in range(n_heads):
+            qc, kc, vc = (slice(i * H + h * D, i * H + (h + 1) * D) for i in range(3))
+            q, k, v, do = qkv[b, :, qc], qkv[b, :, kc], qkv[b, :, vc], dctx[b, :, h * D:(h + 1) * D]
+            s = q @ k.T * scale + mask_add[b][None, :]
+            if pos_bias is not None:
+                s = s + pos_bias[h]
+            p = softmax_np(s)
+            dp = do @ v.T
+            ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+            dqkv[b, :, qc] = ds @ k * scale
+            dqkv[b, :, kc] = ds.T @ q * scale
+            dqkv[b, :, vc] = p.T @ do
+            if dbias is not None:
+                dbias[h] += ds
+    return dqkv, dbias
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
+def _attention_backward_kernel_reference(qkv, mask_add, n_heads, pos_bias, dctx, n_threads, dqkv, dpos_bias):
+    # one query row at a time, the readable version of _attention_backward_kernel (tested against it).
+    # qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or empty, dctx [B, T, H] -> dqkv [B, T, 3H] and, with
+    # a bias, dpos_bias [N, T, T]; n_threads bounds numba.get_thread_id() and sizes the per-thread scratch
+    B, T, H3 = qkv.shape
+    H = H3 // 3
+    D = H // n_heads
+    scale = np.float32(1.0 / math.sqrt(D))
+    has_bias = pos_bias.shape[0] > 0
+    # per-thread scratch, allocated before the prange (inside it, one buffer could be shared: numba #9529)
+    q_scratch = np.empty((n_threads, T, D), dtype=np.float32)    # q / sqrt(D)
+    kt_scratch = np.empty((n_threads, D, T), dtype=np.float32)   # K^T and V^T: score rows vectorise over keys
+    vt_scratch = np.empty((n_threads, D, T), dtype=np.float32)
+    dk_scratch = np.empty((n_threads, T, D), dtype=np.float32)   # dk, dv summed over the query rows
+    dv_scratch = np.empty((n_threads, T, D), dtype=np.float32)
+    row_scratch = np.empty((n_threads, 2, T), dtype=np.float32)  # one row of P and of dP, then dS
+    # every head's bias gradient per thread: tasks of different batch rows share a head, so they cannot share it
+    db_scratch = np.zeros((n_threads if has_bias else 0, n_heads, T, T), dtype=np.float32)
+    for task in prange(B * n_heads):
+        b = task // n_heads
+        h = task % n_heads
+        tid = numba.get_thread_id()
+        q, kt, vt = q_scratch[tid], kt_scratch[tid], vt_scratch[tid]
+        dk, dv = dk_scratch[tid], dv_scratch[tid]
+        p, ds = row_scratch[tid, 0], row_scratch[tid, 1]
+        q0 = h * D
+        k0 = H + h * D
+        v0 = 2 * H + h * D
+        for j in range(T):
+            for d in range(D):
+                q[j, d] = qkv[b, j, q0 + d] * scale
+                kt[d, j] = qkv[b, j, k0 + d]
+                vt[d, j] = qkv[b, j, v0 + d]
+                dk[j, d] = 0.0
+                dv[j, d] = 0.0
+        for i in range(T):
+            do = dctx[b, i, q0:q0 + D]
+            if has_bias:
+                for j in range(T):
+                    p[j] = mask_add[b, j] + pos_bias[h, i, j]
+            else:
+                for j in range(T):
+                    p[j] = mask_add[b, j]
+            for d in range(D):  # the score row, as the forward computes it
+                qd = q[i, d]
+                ktd = kt[d]
+                for j in range(T):
+                    p[j] += qd * ktd[j]
+            m = p[0]
+            for j in range(1, T):
+                m = max(m, p[j])
+            if m == -np.inf:  # every key masked with -inf: the forward's output is 0, so is every gradient
+                for d in range(D):
+                    dqkv[b, i, q0 + d] = 0.0
+                continue
+            total = np.float32(0.0)
+            for j in range(T):
+                e = exp32(p[j] - m)
+                p[j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for j in range(T):
+                p[j] *= inv
+            for j in range(T):
+                ds[j] = 0.0
+            for d in range(D):  # dP row = dO_i V^T
+                dod = do[d]
+                vtd = vt[d]
+                for j in range(T):
+                    ds[j] += dod * vtd[j]
+            c = np.float32(0.0)  # rowsum(P * dP) = dO_i . O_i
+            for j in range(T):
+                c += p[j] * ds[j]
+            for j in range(T):
+                ds[j] = p[j] * (ds[j] - c)
+            for d in range(D):  # dq_i = dS_i K / sqrt(D): a contiguous dot over the keys
+                ktd = kt[d]
+                acc = np.float32(0.0)
+                for j in range(T):
+                    acc += ds[j] * ktd[j]
+                dqkv[b, i, q0 + d] = acc * scale
+            qi = q[i]
+            for j in range(T):  # dk_j += dS_ij q_i / sqrt(D),  dv_j += P_ij dO_i
+                sj = ds[j]
+                pj = p[j]
+                dkj = dk[j]
+                dvj = dv[j]
+                for d in range(D):
+                    dkj[d] += sj * qi[d]
+                    dvj[d] += pj * do[d]
+            if has_bias:
+                dbt = db_scratch[tid, h, i]
+                for j in range(T):
+                    dbt[j] += ds[j]
+        for j in range(T):
+            for d in range(D):
+                dqkv[b, j, k0 + d] = dk[j, d]
+                dqkv[b, j, v0 + d] = dv[j, d]
+    if has_bias:
+        for row in prange(n_heads * T):  # the threads' partial sums, added in thread order
+            h = row // T
+            i = row % T
+            dst = dpos_bias[h, i]
+            for j in range(T):
+                dst[j] = 0.0
+            for t in range(n_threads):
+                src = db_scratch[t, h, i]
+                for j in range(T):
+                    dst[j] += src[j]
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
+def _attention_backward_kernel(qkv, mask_add, n_heads, pos_bias, dctx, n_threads, dqkv, dpos_bias):
+    # as _attention_backward_kernel_reference, with all five products of a (batch row, head) on the GEMM's
+    # register tiles. Per-thread scratch, zero-padded to whole panels (D' = whole_panels(D), T' likewise):
+    #   q [T, D'] and qp [D'/32, T, 32]  q / sqrt(D) as rows, and cut into panels of 32 dims
+    #   do, dop                          dO the same two ways
+    #   kt, vt [T'/32, D', 32]           K and V transposed into panels of 32 keys: S = q K^T, dP = dO V^T
+    #   kp [D'/32, T', 32]               K in panels of 32 dims: dq = dS K
+    #   s, dp [T, T']                    P, and dP then dS
+    #   st [T, T]                        P^T, then dS^T: dv = P^T dO, dk = dS^T q
+    #   dq, dk, dv [T, D']
+    B, T, H3 = qkv.shape
+    H = H3 // 3
+    D = H // n_heads
+    Dp = -(-D // PANEL) * PANEL  # whole_panels, which is plain Python
+    Tp = -(-T // PANEL) * PANEL
+    scale = np.float32(1.0 / math.sqrt(D))
+    has_bias = pos_bias.shape[0] > 0
+    no_bias = np.zeros((0, 0), dtype=np.float32)
+    n = n_threads
+    # allocated before the prange and zeroed once: tasks write only the real entries, so padding stays 0
+    q_s, do_s = np.zeros((n, T, Dp), dtype=np.float32), np.zeros((n, T, Dp), dtype=np.float32)
+    qp_s, dop_s = np.zeros((n, Dp // PANEL, T, PANEL), dtype=np.float32), np.zeros((n, Dp // PANEL, T, PANEL),
+                                                                                   dtype=np.float32)
+    kt_s, vt_s = np.zeros((n, Tp // PANEL, Dp, PANEL), dtype=np.float32), np.zeros((n, Tp // PANEL, Dp, PANEL),
+                                                                                   dtype=np.float32)
+    kp_s = np.zeros((n, Dp // PANEL, Tp, PANEL), dtype=np.float32)
+    s_s, dp_s = np.zeros((n, T, Tp), dtype=np.float32), np.zeros((n, T, Tp), dtype=np.float32)
+    st_s = np.zeros((n, T, T), dtype=np.float32)
+    dq_s, dk_s, dv_s = (np.zeros((n, T, Dp), dtype=np.float32), np.zeros((n, T, Dp), dtype=np.float32),
+                        np.zeros((n, T, Dp), dtype=np.float32))
+    inv_s = np.zeros((n, T), dtype=np.float32)
+    db_scratch = np.zeros((n if has_bias else 0, n_heads, T, T), dtype=np.float32)
+    for task in prange(B * n_heads):
+        b = task // n_heads
+        h = task % n_heads
+        tid = numba.get_thread_id()
+        q, do, qp, dop = q_s[tid], do_s[tid], qp_s[tid], dop_s[tid]
+        kt, vt, kp = kt_s[tid], vt_s[tid], kp_s[tid]
+        s, dp, st, inv = s_s[tid], dp_s[tid], st_s[tid], inv_s[tid]
+        dq, dk, dv = dq_s[tid], dk_s[tid], dv_s[tid]
+        q0 = h * D
+        k0 = H + h * D
+        v0 = 2 * H + h * D
+        tokens, grads = qkv[b], dctx[b]
+        for j in range(T):  # row-wise copies: q and dO as rows and as dim panels, K as dim panels
+            q_src, do_src, k_src = tokens[j, q0:q0 + D], grads[j, q0:q0 + D], tokens[j, k0:k0 + D]
+            q_row, do_row = q[j], do[j]
+            for d in range(D):
+                q_row[d] = q_src[d] * scale
+                do_row[d] = do_src[d]
+            for p in range(Dp // PANEL):
+                width = min(PANEL, D - p * PANEL)
+                qp_row, dop_row, kp_row = qp[p, j], dop[p, j], kp[p, j]
+                for dd in range(width):
+                    qp_row[dd] = q_row[p * PANEL + dd]
+                    dop_row[dd] = do_row[p * PANEL + dd]
+                    kp_row[dd] = k_src[p * PANEL + dd]
+        for p in range(Tp // PANEL):  # K and V transposed, one panel of 32 keys at a time
+            n_keys = min(PANEL, T - p * PANEL)
+            keys = tokens[p * PANEL:p * PANEL + n_keys, k0:k0 + D]
+            values = tokens[p * PANEL:p * PANEL + n_keys, v0:v0 + D]
+            kt_panel, vt_panel = kt[p], vt[p]
+            for d in range(D):
+                k_dst, v_dst = kt_panel[d], vt_panel[d]
+                for jj in range(n_keys):
+                    k_dst[jj] = keys[jj, d]
+                    v_dst[jj] = values[jj, d]
+        rows_times_panels(q, kt, s, 0, T, 0, Tp // PANEL)            # S [T, T'] = q K^T
+        _softmax_rows(s, mask_add[b], pos_bias[h] if has_bias else no_bias, T, inv)
+        rows_times_panels(do, vt, dp, 0, T, 0, Tp // PANEL)          # dP [T, T'] = dO V^T
+        for i in range(T):
+            p_row, dp_row = s[i], dp[i]
+            r = inv[i]
+            c = np.float32(0.0)
+            for j in range(Tp):
+                pij = p_row[j] * r
+                p_row[j] = pij
+                c += pij * dp_row[j]
+            for j in range(Tp):  # dS = P (dP - rowsum(P dP)); padding keys have P = 0, so dS = 0
+                dp_row[j] = p_row[j] * (dp_row[j] - c)
+        for i in range(T):
+            for j in range(T):
+                st[j, i] = s[i, j]
+        rows_times_panels(st, dop, dv, 0, T, 0, Dp // PANEL)         # dv [T, D'] = P^T dO
+        for i in range(T):
+            for j in range(T):
+                st[j, i] = dp[i, j]
+        rows_times_panels(st, qp, dk, 0, T, 0, Dp // PANEL)          # dk [T, D'] = dS^T q / sqrt(D)
+        rows_times_panels(dp, kp, dq, 0, T, 0, Dp // PANEL)          # dq [T, D'] = dS K (then / sqrt(D))
+        for j in range(T):
+            dst = dqkv[b, j]
+            for d in range(D):
+                dst[q0 + d] = dq[j, d] * scale
+                dst[k0 + d] = dk[j, d]
+                dst[v0 + d] = dv[j, d]
+        if has_bias:
+            for i in range(T):
+                db_row, ds_row = db_scratch[tid, h, i], dp[i]
+                for j in range(T):
+                    db_row[j] += ds_row[j]
+    if has_bias:
+        for row in prange(n_heads * T):  # the threads' partial sums, added in thread order
+            h = row // T
+            i = row % T
+            dst = dpos_bias[h, i]
+            for j in range(T):
+                dst[j] = 0.0
+            for t in range(n):
+                src = db_scratch[t, h, i]
+                for j in range(T):
+                    dst[j] += src[j]
+
+
+def attention_backward(qkv, mask_add, n_heads, pos_bias, dctx, out=None):
+    """Backward of `attention`: qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or None, dctx [B, T, H]
+    -> (dqkv [B, T, 3H], dpos_bias [N, T, T] summed over the batch, or None when pos_bias is None), float32.
+
+    dv = P^T dO, dS = P * (dP - rowsum(P dP)) with dP = dO v^T, dq = dS k / sqrt(D), dk = dS^T q / sqrt(D),
+    dpos_bias = sum_b dS (MPNet's bias is shared by every layer: the caller adds each layer's dpos_bias into its
+    bucket table). Padding keys get exactly zero gradient; a query whose keys are all -inf gets zeros, as its
+    output does. `out` [B, T, 3H] is written in place when given.
+    """
+    check_array("attention_backward", "qkv", qkv, ndim=3)
+    B, T, H3 = qkv.shape
+    if not isinstance(n_heads, (int, np.integer)) or n_heads <= 0:
+        raise ValueError(f"attention_backward: n_heads must be a positive int, got {n_heads!r}")
+    if H3 % 3 != 0 or (H3 // 3) % n_heads != 0:
+        raise ValueError(f"attention_backward: qkv's last axis {H3} must be 3 * H with H divisible by "
+                         f"n_heads={n_heads}")
+    check_array("attention_backward", "mask_add", mask_add, shape=(B, T))
+    check_array("attention_backward", "dctx", dctx, shape=(B, T, H3 // 3))
+    dpos_bias = None
+    if pos_bias is None:
+        pos_bias = _NO_BIAS
+    else:
+        check_array("attention_backward", "pos_bias", pos_bias, shape=(n_heads, T, T))
+        dpos_bias = np.zeros((n_heads, T, T), dtype=np.float32)
+    out = output_array("attention_backward", out, (B, T, H3))
+    if np.may_share_memory(out, qkv) or np.may_share_memory(out, dctx):
+        raise ValueError("attention_backward: out overlaps qkv or dctx; pass a separate output array")
+    if B and T:
+        _attention_backward_kernel(qkv, mask_add, int(n_heads), pos_bias, dctx, numba.config.NUMBA_NUM_THREADS,
+                                   out, _NO_BIAS if dpos_bias is None else dpos_bias)
+    return out, dpos_bias
+
+
+def attention_backward_flops(B, T, n_heads, head_dim, position_bias=False):
+    """attention_backward on [B, T]: per (row, head) the recomputed scores q k^T and the four products dO v^T,
+    dS k, dS^T q, P^T dO (each 2 T T D), plus the softmax again and 4 FLOPs per score for dS -> {"matmul", "other"}."""
+    scores = B * n_heads * T * T
+    per_score = SOFTMAX_FLOPS_PER_ELEM + SCORE_FLOPS_PER_ELEM + 4 + (2 if position_bias else 0)
+    return {"matmul": B * n_heads * 5 * (2 * T * T * head_dim), "other": scores * per_score}

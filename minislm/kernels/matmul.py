@@ -186,3 +186,81 @@ def linear_flops(M, K, N, bias=True, gelu=False):
     """linear() on M rows -> {"matmul": 2 M K N, "other": the bias add and the GELU epilogue}."""
     other = (M * N if bias else 0) + (GELU_FLOPS_PER_ELEM * M * N if gelu else 0)
     return {"matmul": matmul_flops(M, K, N), "other": other}
+
+
+# ---------------------------------------------------------------- backward
+#
+# y = x w^T + b  =>  dx = dy w [M, K],  dw = dy^T x [N, K],  db = the sum of dy's rows [N].
+# Both products are `linear` again, on the GEMM's register tiles: dx = dy @ w is linear(dy, w^T), and the
+# panels of w^T are simply w cut into blocks of 32 columns (TransposedWeight), so nothing is transposed;
+# dw = dy^T @ x is linear(dy^T, x^T) likewise, after one [N, M] copy of dy^T (M N floats beside 2 M N K FLOPs).
+
+def linear_backward_reference(x, w, dy):
+    """x [M, K], w [N, K], dy [M, N] -> (dx [M, K], dw [N, K], db [N]) for y = x w^T + b. Plain NumPy in the
+    inputs' dtype: dx = dy w, dw = dy^T x, db = sum_i dy[i]."""
+    return dy @ w, dy.T @ x, dy.sum(axis=0)
+
+
+class TransposedWeight(PackedWeight):
+    """The panels of a^T for a [R, C]: what `linear` needs to compute y @ a for y [M, R].
+
+    panels [ceil(C/32), R, 32] with panels[p, r, j] = a[r, 32p + j] (zero past C), i.e. a's columns in blocks
+    of 32: one copy of a, no transpose. Its shape is (C, R), that of the torch-layout weight a^T.
+    """
+
+    def __init__(self, a):
+        check_array("transposed_weight", "a", a, ndim=2)
+        R, C = a.shape
+        full = C // NR
+        panels = np.zeros((whole_panels(C) // NR, R, NR), dtype=np.float32)
+        panels[:full] = a[:, :full * NR].reshape(R, full, NR).transpose(1, 0, 2)
+        if full < panels.shape[0]:
+            panels[full, :, :C - full * NR] = a[:, full * NR:]
+        self.n, self.k = C, R
+        self.panels = panels
+        self._unpacked = None
+
+
+def linear_backward(x, w, dy, need_dx=True, dw=None, db=None, accumulate=False, backend=None):
+    """Backward of `linear` (without GELU: apply `gelu_backward` to dy first):
+    x [M, K], w [N, K] or PackedWeight, dy [M, N] -> (dx [M, K] or None, dw [N, K], db [N]), all float32.
+
+    dx = dy w, dw = dy^T x, db = sum_i dy[i] (see the section comment). need_dx=False skips dx (a first layer).
+    dw [N, K] and db [N] are written when given, or added to with accumulate=True (e.g. over micro-batches).
+    backend as in `linear`; db is summed in float64, so its error does not grow with M.
+    """
+    check_array("linear_backward", "x", x, ndim=2)
+    if not isinstance(w, PackedWeight):
+        check_array("linear_backward", "w", w, ndim=2)
+    M, K = x.shape
+    N, w_k = w.shape
+    if w_k != K:
+        raise ValueError(f"linear_backward: w has shape {w.shape} but x has K={K} columns; w must be [N, K]")
+    check_array("linear_backward", "dy", dy, shape=(M, N))
+    if accumulate and (dw is None or db is None):
+        raise ValueError("linear_backward: accumulate=True needs the dw and db to add to")
+    if dw is not None:
+        check_array("linear_backward", "dw", dw, shape=(N, K))
+    if db is not None:
+        check_array("linear_backward", "db", db, shape=(N,))
+    dx = None
+    if need_dx:
+        w_plain = w.unpack() if isinstance(w, PackedWeight) else w
+        dx = linear(dy, TransposedWeight(w_plain), backend=backend)
+    dy_t = np.ascontiguousarray(dy.T)
+    if accumulate:
+        dw += linear(dy_t, TransposedWeight(x), backend=backend)
+        db += dy.sum(axis=0, dtype=np.float64).astype(np.float32)
+        return dx, dw, db
+    dw = linear(dy_t, TransposedWeight(x), out=dw, backend=backend)
+    db_sum = dy.sum(axis=0, dtype=np.float64)
+    if db is None:
+        db = db_sum.astype(np.float32)
+    else:
+        db[:] = db_sum
+    return dx, dw, db
+
+
+def linear_backward_flops(M, K, N, need_dx=True):
+    """linear_backward on M rows -> {"matmul": 2 M K N per product (dw, and dx unless skipped), "other": db}."""
+    return {"matmul": matmul_flops(M, K, N) * (2 if need_dx else 1), "other": M * N}
