@@ -24,8 +24,14 @@ PROTOCOLS = {
              "note": "stratified subsample (fixed seed) of 2,000 train and 2,000 test reviews of the official "
                      "splits, for compute; validation rows are carved from train"},
     "dbpedia_14": {"train": "test", "test": "test", "split_fraction": 0.5, "seed": SEED,
-                   "note": "only 7,600 official test rows exist offline: a fixed stratified half of them trains, "
-                           "the other half is scored; no row is both"},
+                   "note": "only 7,600 official test rows exist offline (70,000 on the hub): a fixed stratified "
+                           "half of them trains, the other half is scored; no row is both. A half rather than "
+                           "5-fold CV keeps one fixed test set shared by every row and seed"},
+    # small-data protocols: the same test rows, 1,000 stratified training rows
+    "ag_news-1k": {"base": "ag_news", "train": "train", "test": "test", "subsample": {"train": 1000}, "seed": SEED,
+                   "note": "1,000 stratified rows of the AG News train subset, the full official test split"},
+    "imdb-1k": {"base": "imdb", "train": "train", "test": "test", "subsample": {"train": 1000, "test": 2000},
+                "seed": SEED, "note": "1,000 stratified IMDB training reviews, the same 2,000 test reviews as imdb"},
 }
 
 
@@ -105,8 +111,8 @@ def load_hub(name, split):
 
 def load(name, split, data_dir=None):
     """A known dataset's split -> TextDataset: from a local folder if one has it, else from the hub."""
-    if name not in PROTOCOLS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(PROTOCOLS)} (use load_file for your own)")
+    if name not in HUB_IDS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(HUB_IDS)} (use load_file for your own)")
     tried = []
     for folder in search_dirs(data_dir):
         if (folder / name / f"{split}.parquet").is_file():
@@ -332,8 +338,11 @@ def kfold(labels, k, seed=SEED):
 def protocol_splits(name, data_dir=None):
     """A dataset's (train, test) TextDatasets as its protocol defines them. Test rows whose text also occurs
     in train (IMDB and AG News have such cross-split duplicates) are dropped, so no trained row is scored."""
+    if name not in PROTOCOLS:
+        raise DataError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[name]
-    train, test = load(name, p["train"], data_dir), load(name, p["test"], data_dir)
+    base = p.get("base", name)  # a small-data protocol reads its base dataset (and shares its feature cache)
+    train, test = load(base, p["train"], data_dir), load(base, p["test"], data_dir)
     if "split_fraction" in p:
         train, test = stratified_split(train, p["split_fraction"], p["seed"])
         test.split = "test-held"
@@ -345,6 +354,8 @@ def protocol_splits(name, data_dir=None):
     sizes = p.get("subsample", {})
     if "train" in sizes:
         train = stratified_subsample(train, sizes["train"], p["seed"])
+        if base != name:
+            train.split = f"{p['train']}-{sizes['train']}"
     if "test" in sizes:
         test = stratified_subsample(test, sizes["test"], p["seed"])
     protocol = dict(p, dataset=name, n_train=len(train), n_test=len(test), test_rows_dropped_as_in_train=dropped)

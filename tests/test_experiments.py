@@ -1,0 +1,59 @@
+"""The experiments pipeline end to end on tiny encoders: one seed's rows, the aggregate, the selection."""
+import numpy as np
+import pytest
+
+from minislm.experiments import aggregate, seed_run
+from tests.model_folders import make_tiny_folder
+from tests.test_team import toy
+
+pytestmark = pytest.mark.experts  # the lexical expert reads the pretrained experts' WordPiece vocabulary
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    for fam in ("bert", "mpnet"):
+        (root / fam).mkdir()
+        make_tiny_folder(root / fam, fam)
+    train, test = toy(150, 0), toy(60, 1)
+    test.split = "test"
+    small = dict(experts=["lexical", str(root / "bert"), str(root / "mpnet")], proj_dim=8, head_hidden=8, folds=2,
+                 lexical={"dim": 8, "n_buckets": 256, "epochs": 3, "lr": 1.0}, crossfit_below=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
+        out = [seed_run.run_seed("toy", train, test, s, quick=True, log=lambda m: None, search_trials=1 - s, **small)[0]
+               for s in (0, 1)]
+    return out, test
+
+
+def test_every_row_has_validation_and_test_numbers(seeds):
+    results, test = seeds
+    rows = results[0]["rows"]
+    kinds = {r["kind"] for r in rows}
+    assert {"single", "fusion", "cascade", "ablation"} <= kinds
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and len(r["preds"]) == len(test)
+        assert r["gflops_per_sample"] >= 0 and r["params"] >= 0
+    assert sum(r.get("checkpoint", False) for r in rows) == 1
+    assert len(results[0]["search"]) == 2 and results[0]["search"][0]["default"]
+
+
+def test_aggregate_selects_on_validation_only(seeds):
+    results, test = seeds
+    rows, preds = aggregate.combine(results)
+    y = np.asarray(test.labels)
+    sel = aggregate.select(rows, preds, y)
+    singles = [r for r in rows if r["kind"] == "single"]
+    assert sel["best_single"] == max(singles, key=lambda r: (r["val_accuracy"], -r["gflops_per_sample"]))["name"]
+    by = {r["name"]: r for r in rows}
+    assert len(by[sel["best_single"]]["accuracy_by_seed"]) == 2
+    # flipping the test labels changes test accuracies but never the selection
+    flipped = [dict(s, rows=[dict(r, accuracy=1 - r["accuracy"]) for r in s["rows"]]) for s in results]
+    rows2, _ = aggregate.combine(flipped)
+    assert aggregate.select(rows2, preds, y)["best_team"] == sel["best_team"]
+    abl = aggregate.ablations(rows, preds, y)
+    assert abl and all(a["holm_p"] >= a["mcnemar_p"] for a in abl)
+    text = aggregate.markdown({"protocol": {"dataset": "toy"}, "seeds": [0, 1], "command": "test", "seconds": 1,
+                               "rows": rows, "selected": sel, "ablations": abl,
+                               "composition_by_seed": [r["composition"] for r in results], "search": []})
+    assert sel["best_team"] in text and "Ablations" in text
