@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from minislm import data
 from minislm.atomic import write_json, write_text
 from minislm.experiments import aggregate, seed_run
@@ -42,12 +44,18 @@ def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=Fal
             log(f"saved {save_model}")
         write_json(f, res)
         results.append(res)
+        write_results(protocol, train, test, results, out_dir, quick, t0)  # partial results land too
+    return write_results(protocol, train, test, results, out_dir, quick, t0)
+
+
+def write_results(protocol, train, test, results, out_dir, quick, t0):
+    """Aggregate the seeds done so far into notebooks/results/<protocol>.{json,md,png}."""
     rows, preds = aggregate.combine(results)
-    import numpy as np
     y = np.asarray(test.labels)
     result = {
         "protocol": dict(train.protocol), "seeds": [r["seed"] for r in results],
         "command": f"python -m minislm.experiments {protocol}" + (" --quick" if quick else ""),
+        "seeds_planned_note": "seeds listed are those finished; a run resumes at the next one",
         "rows": rows, "selected": aggregate.select(rows, preds, y), "ablations": aggregate.ablations(rows, preds, y),
         "composition_by_seed": [r["composition"] for r in results], "search": results[0].get("search", []),
         "validation_by_seed": [r["validation"] for r in results],
