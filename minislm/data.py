@@ -157,13 +157,17 @@ def _read_csv(path):
 
     from datasets import Dataset
 
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)  # a long text is cut later, never a reason to refuse the file
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     except csv.Error as e:
-        raise DataError(f"{path} is not a readable CSV file ({e})") from e
+        raise DataError(f"{path} is not a readable CSV file ({e}); check the file's format") from e
+    finally:
+        csv.field_size_limit(limit)
     if not rows or not rows[0]:
         raise DataError(f"{path}: the file is empty; it needs a header row and at least one row")
     header, body = rows[0], rows[1:]
@@ -262,6 +266,9 @@ def clean_training(ds):
     "notes": [one line per thing done]}."""
     keep, seen, empty, dup, conflict = [], {}, 0, 0, 0
     for i, t in enumerate(ds.texts):
+        if not isinstance(t, str):
+            raise DataError(f"{ds.source}: text {i} is a {type(t).__name__}, not a str; pass every text as a "
+                            f"string")
         if not t.strip():
             empty += 1
             continue

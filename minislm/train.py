@@ -23,10 +23,19 @@ import numpy as np
 from minislm import data
 from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
+from minislm.experts import registry
 from minislm.team import checkpoint
 from minislm.team.config import GATES, TeamConfig
 from minislm.team.team import Team
 from minislm.team.training import fit
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
 
 def _default(cls, name):
     f = {x.name: x for x in dataclasses.fields(cls)}[name]
@@ -44,7 +53,10 @@ def team_config(args, dataset_name, label_names):
 
 def run(args, log=print):
     checkpoint.check_destination(args.out)
-    team_config(args, "check", ["a", "b"])  # every setting checked before data is read or anything trains
+    cfg = team_config(args, "check", ["a", "b"])  # every setting checked before data is read or anything trains
+    for name in [*cfg.encoders, registry.LEXICAL_TOKENIZER]:
+        if name in registry.EXPERTS:
+            registry.expert_dir(name)  # prepared and intact, or an error naming the fetch command
     if args.dataset:
         train_ds, test_ds = data.protocol_splits(args.dataset, args.data_dir)
     else:
@@ -73,7 +85,7 @@ def run(args, log=print):
 def parser():
     d = lambda name: _default(TeamConfig, name)  # noqa: E731
     t = lambda name: _default(TrainConfig, name)  # noqa: E731
-    ap = argparse.ArgumentParser(prog="python -m minislm.train", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m minislm.train", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=list(data.PROTOCOLS), help="a known dataset, trained by its protocol")
     src.add_argument("--file", help="your own CSV / Parquet / JSONL file with a text and a label column")

@@ -13,8 +13,15 @@ from minislm.experts import fetch as fetch_lib
 from minislm.experts import registry
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minislm.weights", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m minislm.weights", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download, verify, convert and place the experts (repairs damaged ones)")
     f.add_argument("--only", nargs="+", metavar="NAME", help=f"only these experts ({', '.join(registry.EXPERTS)})")

@@ -138,16 +138,27 @@ class Team:
         return out
 
     # ---- the cascade -----------------------------------------------------------------------------------
-    def _check_request(self, texts, max_tier, max_flops):
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+    def _check_request(self, texts, max_tier, max_flops, thresholds=None):
+        if isinstance(texts, str) or not hasattr(texts, "__len__") or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a list of strings; wrap a single text as [text]")
+        for i, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. bytes decoded with errors="surrogateescape"
+                raise ValueError(f"text {i} is not valid Unicode (character {e.start} is a lone surrogate); "
+                                 f"decode the input as UTF-8") from e
         last = len(self.cfg.experts) - 1
         if max_tier is not None and (isinstance(max_tier, bool) or not isinstance(max_tier, (int, np.integer))
                                      or not 0 <= max_tier <= last):
             raise ValueError(f"max_tier must be a whole number from 0 to {last} (this team's tiers: "
                              f"{', '.join(f'{k} {short(e)}' for k, e in enumerate(self.cfg.experts))}), got {max_tier!r}")
-        if max_flops is not None and not (np.isfinite(max_flops) and max_flops > 0):
+        if max_flops is not None and (isinstance(max_flops, bool) or not isinstance(max_flops, (int, float, np.number))
+                                      or not (np.isfinite(max_flops) and max_flops > 0)):
             raise ValueError(f"max_flops must be a positive number of FLOPs per text, got {max_flops!r}")
+        if thresholds is not None and (len(thresholds) != last or not all(
+                isinstance(t, (int, float, np.number)) and np.isfinite(t) for t in thresholds)):
+            raise ValueError(f"thresholds must be {last} finite numbers (one per tier but the last), got "
+                             f"{list(thresholds)!r}")
         return last if max_tier is None else int(max_tier)
 
     def predict_proba(self, texts, max_tier=None, max_flops=None, thresholds=None, kind="max_prob",
@@ -160,7 +171,7 @@ class Team:
         gate / fusion attention weights of the answering tier.
         """
         cfg = self.cfg
-        last = self._check_request(texts, max_tier, max_flops)
+        last = self._check_request(texts, max_tier, max_flops, thresholds)
         B, C = len(texts), len(cfg.label_names)
         thresholds = list(self.thresholds if thresholds is None else thresholds)
         probs = np.zeros((B, C), dtype=np.float32)
@@ -304,10 +315,6 @@ class Team:
         esc = checkpoint._escape
         try:
             team = cls(TeamConfig.from_dict(meta["config"]), lexical_tokenizer=meta["lexical"]["tokenizer"])
-            for name in team.cfg.encoders:
-                if name not in registry.EXPERTS and not Path(name).is_dir():
-                    raise ValueError(f"expert {name!r} is neither a known expert ({', '.join(registry.EXPERTS)}) "
-                                     f"nor a model folder on this machine")
             team.expected_sha256 = {e["name"]: e["weights_sha256"] for e in meta["experts"]}
             for name in team.cfg.experts:
                 if f"stats/{esc(name)}/mean" in arrays:
