@@ -77,7 +77,7 @@ def text_source(args):
         return iter(args.texts)
     if not sys.stdin.isatty():
         return _decoded_lines(sys.stdin.buffer, "standard input")
-    raise InputError('no text given: pass texts as arguments, --file PATH, or pipe them in '
+    raise InputError('no text given; pass texts as arguments, --file PATH, or pipe them in '
                      '(python -m minislm.classify "Stocks rallied on Wall Street")')
 
 
@@ -122,12 +122,14 @@ def load_team(path):
 def check_numbers(args, team):
     last = len(team.cfg.experts) - 1
     if args.tier is not None and not 0 <= args.tier <= last:
-        raise InputError(f"--tier must be from 0 to {last} for this team (tiers: "
-                         f"{', '.join(f'{k} {e}' for k, e in enumerate(team.cfg.experts))}), got {args.tier}")
+        tiers = ", ".join(f"{k} {e}" for k, e in enumerate(team.cfg.experts))
+        raise InputError(f"--tier must be from 0 to {last} for this team (tiers: {tiers}), got {args.tier}; pick "
+                         f"one of those")
     if args.max_flops is not None and not (math.isfinite(args.max_flops) and args.max_flops > 0):
-        raise InputError(f"--max-flops must be a positive number of FLOPs per text, got {args.max_flops}")
+        raise InputError(f"--max-flops must be a positive number of FLOPs per text, got {args.max_flops}; give a "
+                         f"budget such as 1e9")
     if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}; use 1 or more")
 
 
 def answer_batch(team, batch, args):
@@ -190,9 +192,9 @@ def main(argv=None):
                 answered += len(held)
                 held = []
         if not seen:
-            raise InputError("the input is empty: nothing to classify")
+            raise InputError("the input is empty; give at least one text")
         if not any_text:
-            raise InputError(f"every input text ({seen}) is empty: nothing to classify")
+            raise InputError(f"every input text ({seen}) is empty; give at least one text that is not blank")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -125,6 +125,7 @@ READERS = (".csv", ".parquet", ".jsonl", ".json")
 
 def _read_table(path):
     """A CSV / Parquet / JSONL file -> datasets.Dataset, or a DataError naming the problem."""
+    import datasets
     from datasets import Dataset
 
     path = Path(path)
@@ -136,6 +137,8 @@ def _read_table(path):
         raise DataError(f"{path} does not exist; check the path")
     if path.suffix.lower() not in readers:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl")
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a bar per file read would mix into the one line an error is reported in
     try:
         ds = _read_csv(path) if path.suffix.lower() == ".csv" else readers[path.suffix.lower()](str(path))
     except DataError:
@@ -145,6 +148,9 @@ def _read_table(path):
             raise DataError(f"{path}: the file is empty; it needs at least one row") from e
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise DataError(f"{path} could not be read as {path.suffix[1:]} ({first}); check the file's format") from e
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
     if len(ds) == 0:
         raise DataError(f"{path}: the file has no rows; it needs at least one")
     return ds
@@ -223,7 +229,8 @@ def map_labels(raw, label_names=None, source="labels"):
         index = {n: i for i, n in enumerate(names)}
         unknown = next((v for v in vals if v not in index), None)
         if unknown is not None:
-            raise DataError(f"{source}: label {unknown!r} is not one of the known labels ({', '.join(names)})")
+            raise DataError(f"{source}: label {unknown!r} is not one of the known labels ({', '.join(names)}); use "
+                            f"one of those")
         return np.array([index[v] for v in vals], dtype=np.int64), names
     if any(isinstance(v, str) for v in raw):
         i = next(i for i, v in enumerate(raw) if not isinstance(v, str))
@@ -285,7 +292,7 @@ def clean_training(ds):
         notes.append(f"{dup} repeated text(s) removed, the first copy kept"
                      + (f" ({conflict} had a different label than the first)" if conflict else ""))
     if not keep:
-        raise DataError(f"{ds.source}: every text is empty; nothing to train on")
+        raise DataError(f"{ds.source}: every text is empty, nothing to train on; give rows with text")
     out = ds.subset(keep)
     counts = np.bincount(out.labels, minlength=len(ds.label_names))
     present = int((counts > 0).sum())

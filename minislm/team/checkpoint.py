@@ -164,14 +164,16 @@ def read_meta(folder):
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise CheckpointError(f"{folder} is not a minislm checkpoint: it has no {META_FILE}") from e
+        raise CheckpointError(f"{folder} is not a minislm checkpoint (it has no {META_FILE}); pass a folder "
+                              f"`{TRAIN_COMMAND}` wrote") from e
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is damaged: train it again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{f} is not a minislm team checkpoint (format {found!r})")
+        raise CheckpointError(f"{f} is not a minislm team checkpoint (format {found!r}); pass a folder "
+                              f"`{TRAIN_COMMAND}` wrote")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{f} has checkpoint version {meta.get('version')}, this minislm reads {VERSION}: "
+        raise CheckpointError(f"{f} has checkpoint version {meta.get('version')}, this minislm reads {VERSION}; "
                               f"train it again with this version (`{TRAIN_COMMAND}`)")
     return meta
 

@@ -81,14 +81,14 @@ class TeamConfig:
             raise ValueError(f"a classifier needs at least two classes, got {self.label_names}; give rows of two "
                              f"classes or more")
         if len(set(self.label_names)) != len(self.label_names):
-            raise ValueError(f"label names repeat: {self.label_names}")
+            raise ValueError(f"label names repeat: {self.label_names}; give each class one name")
         if not self.experts or self.experts[0] != LEXICAL:
             raise ValueError(f"the first tier must be {LEXICAL!r} (the cascade's near-free tier 0), got "
-                             f"{self.experts}")
+                             f"{self.experts}; list {LEXICAL!r} first, then the encoders")
         if len(set(self.experts)) != len(self.experts):
-            raise ValueError(f"an expert is listed twice: {self.experts}")
+            raise ValueError(f"an expert is listed twice: {self.experts}; list each once")
         if LEXICAL in self.experts[1:]:
-            raise ValueError(f"{LEXICAL!r} can only be tier 0")
+            raise ValueError(f"{LEXICAL!r} can only be tier 0; list it first and once")
         for name in self.encoders:  # decided here, before any training, not when the expert is first run
             if not isinstance(name, str) or (name not in ENCODERS and not Path(name).is_dir()):
                 raise ValueError(f"unknown expert {name!r}: neither a pretrained expert ({', '.join(ENCODERS)}) "

@@ -80,7 +80,7 @@ class Team:
             want = self.expected_sha256.get(name)
             if want and e.weights_sha256 != want and e.rehash() != want:  # re-hash: never trust a stale record
                 raise CheckpointError(f"this team was trained on {name} weights with sha256 {want[:12]}..., but "
-                                      f"{e.folder} holds {e.weights_sha256[:12]}...: train a new team for these "
+                                      f"{e.folder} holds {e.weights_sha256[:12]}...; train a new team for these "
                                       f"weights or fetch the original ones (`{registry.FETCH_COMMAND}`)")
             self._experts[name] = e
         return self._experts[name]
@@ -152,11 +152,12 @@ class Team:
                                      or not 0 <= max_tier <= last):
             raise ValueError(f"max_tier must be a whole number from 0 to {last} (this team's tiers: "
                              f"{', '.join(f'{k} {short(e)}' for k, e in enumerate(self.cfg.experts))}), got {max_tier!r}")
-        if max_flops is not None and (isinstance(max_flops, bool) or not isinstance(max_flops, (int, float, np.number))
+        number = (int, float, np.number)
+        if max_flops is not None and (isinstance(max_flops, bool) or not isinstance(max_flops, number)
                                       or not (np.isfinite(max_flops) and max_flops > 0)):
             raise ValueError(f"max_flops must be a positive number of FLOPs per text, got {max_flops!r}")
         if thresholds is not None and (len(thresholds) != last or not all(
-                isinstance(t, (int, float, np.number)) and np.isfinite(t) for t in thresholds)):
+                isinstance(t, number) and np.isfinite(t) for t in thresholds)):
             raise ValueError(f"thresholds must be {last} finite numbers (one per tier but the last), got "
                              f"{list(thresholds)!r}")
         return last if max_tier is None else int(max_tier)
