@@ -75,7 +75,8 @@ def flip_byte(path, offset=-100, keep_mtime=True):
 
 
 def env():
-    return dict(os.environ, PYTHONUNBUFFERED="0")
+    """The environment of a real classify process: this one's (MINISLM_WEIGHTS_DIR too), stdout buffered."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
 
 def texts_with_duplicates():
