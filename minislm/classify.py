@@ -25,6 +25,13 @@ class InputError(Exception):
     """Bad input from the user: reported in one line with exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def _check_text_file(path):
     p = Path(path)
     if p.is_dir():
@@ -61,10 +68,16 @@ def text_source(args):
         f = open(args.file, "rb")  # noqa: SIM115 (closed at exit; read lazily so answers stream)
         return _decoded_lines(f, args.file)
     if args.texts:
+        for n, t in enumerate(args.texts, start=1):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # undecodable bytes reach sys.argv as lone surrogates
+                raise InputError(f"text argument {n} is not valid UTF-8 (character {e.start}); pass UTF-8 "
+                                 f"text") from e
         return iter(args.texts)
     if not sys.stdin.isatty():
         return _decoded_lines(sys.stdin.buffer, "standard input")
-    raise InputError('no text given: pass texts as arguments, --file PATH, or pipe them in '
+    raise InputError('no text given; pass texts as arguments, --file PATH, or pipe them in '
                      '(python -m minislm.classify "Stocks rallied on Wall Street")')
 
 
@@ -109,12 +122,14 @@ def load_team(path):
 def check_numbers(args, team):
     last = len(team.cfg.experts) - 1
     if args.tier is not None and not 0 <= args.tier <= last:
-        raise InputError(f"--tier must be from 0 to {last} for this team (tiers: "
-                         f"{', '.join(f'{k} {e}' for k, e in enumerate(team.cfg.experts))}), got {args.tier}")
+        tiers = ", ".join(f"{k} {e}" for k, e in enumerate(team.cfg.experts))
+        raise InputError(f"--tier must be from 0 to {last} for this team (tiers: {tiers}), got {args.tier}; pick "
+                         f"one of those")
     if args.max_flops is not None and not (math.isfinite(args.max_flops) and args.max_flops > 0):
-        raise InputError(f"--max-flops must be a positive number of FLOPs per text, got {args.max_flops}")
+        raise InputError(f"--max-flops must be a positive number of FLOPs per text, got {args.max_flops}; give a "
+                         f"budget such as 1e9")
     if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}; use 1 or more")
 
 
 def answer_batch(team, batch, args):
@@ -144,7 +159,7 @@ def answer_batch(team, batch, args):
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="python -m minislm.classify", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m minislm.classify", description=__doc__.splitlines()[0])
     ap.add_argument("texts", nargs="*", help="texts to classify")
     ap.add_argument("--file", help="one text per line, or a CSV / Parquet / JSONL file (see --column)")
     ap.add_argument("--column", default="text", help="text column of a CSV / Parquet / JSONL file")
@@ -172,15 +187,14 @@ def main(argv=None):
             any_text = any_text or any(t is not None for t, _ in batch)
             held += answer_batch(team, batch, args)
             if any_text:
-                for out in held:
-                    print(json.dumps(out, ensure_ascii=False) if args.json else human(out, args.explain))
-                    answered += 1
+                emit("".join((json.dumps(out, ensure_ascii=False) if args.json else human(out, args.explain))
+                             + "\n" for out in held))
+                answered += len(held)
                 held = []
-                sys.stdout.flush()
         if not seen:
-            raise InputError("the input is empty: nothing to classify")
+            raise InputError("the input is empty; give at least one text")
         if not any_text:
-            raise InputError(f"every input text ({seen}) is empty: nothing to classify")
+            raise InputError(f"every input text ({seen}) is empty; give at least one text that is not blank")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,7 +202,7 @@ def main(argv=None):
         print(f"interrupted after {answered} answers (every answer printed above is complete)", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        _drop_stdout()
         print(f"output closed after {answered} answers", file=sys.stderr)
         return 0
     except (ValueError, TypeError) as e:
@@ -200,6 +214,27 @@ def main(argv=None):
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def emit(text):
+    """Write one batch's answers in one call (an interrupt cannot cut an answer in half) and flush them."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # e.g. a full disk under `> answers.txt`
+        _drop_stdout()
+        raise InputError(f"cannot write the answers ({e.strerror}); free some space or write them elsewhere") from e
+
+
+def _drop_stdout():
+    """Point stdout at /dev/null, so Python's final flush of the unwritable output raises no second error."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
 
 
 def human_flops(f):

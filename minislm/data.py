@@ -131,6 +131,7 @@ READERS = (".csv", ".parquet", ".jsonl", ".json")
 
 def _read_table(path):
     """A CSV / Parquet / JSONL file -> datasets.Dataset, or a DataError naming the problem."""
+    import datasets
     from datasets import Dataset
 
     path = Path(path)
@@ -142,6 +143,8 @@ def _read_table(path):
         raise DataError(f"{path} does not exist; check the path")
     if path.suffix.lower() not in readers:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl")
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a bar per file read would mix into the one line an error is reported in
     try:
         ds = _read_csv(path) if path.suffix.lower() == ".csv" else readers[path.suffix.lower()](str(path))
     except DataError:
@@ -151,6 +154,9 @@ def _read_table(path):
             raise DataError(f"{path}: the file is empty; it needs at least one row") from e
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise DataError(f"{path} could not be read as {path.suffix[1:]} ({first}); check the file's format") from e
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
     if len(ds) == 0:
         raise DataError(f"{path}: the file has no rows; it needs at least one")
     return ds
@@ -163,13 +169,17 @@ def _read_csv(path):
 
     from datasets import Dataset
 
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)  # a long text is cut later, never a reason to refuse the file
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from e
     except csv.Error as e:
-        raise DataError(f"{path} is not a readable CSV file ({e})") from e
+        raise DataError(f"{path} is not a readable CSV file ({e}); check the file's format") from e
+    finally:
+        csv.field_size_limit(limit)
     if not rows or not rows[0]:
         raise DataError(f"{path}: the file is empty; it needs a header row and at least one row")
     header, body = rows[0], rows[1:]
@@ -225,7 +235,8 @@ def map_labels(raw, label_names=None, source="labels"):
         index = {n: i for i, n in enumerate(names)}
         unknown = next((v for v in vals if v not in index), None)
         if unknown is not None:
-            raise DataError(f"{source}: label {unknown!r} is not one of the known labels ({', '.join(names)})")
+            raise DataError(f"{source}: label {unknown!r} is not one of the known labels ({', '.join(names)}); use "
+                            f"one of those")
         return np.array([index[v] for v in vals], dtype=np.int64), names
     if any(isinstance(v, str) for v in raw):
         i = next(i for i, v in enumerate(raw) if not isinstance(v, str))
@@ -268,6 +279,9 @@ def clean_training(ds):
     "notes": [one line per thing done]}."""
     keep, seen, empty, dup, conflict = [], {}, 0, 0, 0
     for i, t in enumerate(ds.texts):
+        if not isinstance(t, str):
+            raise DataError(f"{ds.source}: text {i} is a {type(t).__name__}, not a str; pass every text as a "
+                            f"string")
         if not t.strip():
             empty += 1
             continue
@@ -284,7 +298,7 @@ def clean_training(ds):
         notes.append(f"{dup} repeated text(s) removed, the first copy kept"
                      + (f" ({conflict} had a different label than the first)" if conflict else ""))
     if not keep:
-        raise DataError(f"{ds.source}: every text is empty; nothing to train on")
+        raise DataError(f"{ds.source}: every text is empty, nothing to train on; give rows with text")
     out = ds.subset(keep)
     counts = np.bincount(out.labels, minlength=len(ds.label_names))
     present = int((counts > 0).sum())

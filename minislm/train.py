@@ -23,10 +23,19 @@ import numpy as np
 from minislm import data
 from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
+from minislm.experts import registry
 from minislm.team import checkpoint
 from minislm.team.config import GATES, TeamConfig
 from minislm.team.team import Team
 from minislm.team.training import fit
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
 
 def _default(cls, name):
     f = {x.name: x for x in dataclasses.fields(cls)}[name]
@@ -42,9 +51,23 @@ def team_config(args, dataset_name, label_names):
                       gate=args.gate, balance=args.balance, val_fraction=args.val_fraction, train=tc, seed=args.seed)
 
 
+def check_settings(args):
+    """Every flag checked (by TeamConfig and TrainConfig) before data is read or anything trains -> TeamConfig.
+    A complaint about a field is worded with the flag that sets it ("epochs ..." -> "--epochs ...")."""
+    try:
+        return team_config(args, "check", ["a", "b"])
+    except (ValueError, TypeError) as e:
+        field, _, rest = str(e).partition(" ")
+        what = f"--{field.replace('_', '-')} {rest}" if field in vars(args) and field != "argv" else str(e)
+        raise ValueError(what if "; " in what else f"{what}; see `python -m minislm.train --help`") from e
+
+
 def run(args, log=print):
     checkpoint.check_destination(args.out)
-    team_config(args, "check", ["a", "b"])  # every setting checked before data is read or anything trains
+    cfg = check_settings(args)
+    for name in [*cfg.encoders, registry.LEXICAL_TOKENIZER]:
+        if name in registry.EXPERTS:
+            registry.expert_dir(name)  # prepared and intact, or an error naming the fetch command
     if args.dataset:
         train_ds, test_ds = data.protocol_splits(args.dataset, args.data_dir)
     else:
@@ -65,7 +88,11 @@ def run(args, log=print):
                                 "exit_share": (np.bincount(info["exit_tier"], minlength=len(team.cfg.experts))
                                                / len(test_ds)).tolist()}
         log(f"test accuracy {acc:.4f} at {team.metrics['test']['gflops_per_sample']:.3f} GFLOPs per sample")
-    team.save(args.out, command="python -m minislm.train " + " ".join(args.argv))
+    try:
+        team.save(args.out, command="python -m minislm.train " + " ".join(args.argv))
+    except OSError as e:  # a full disk, say: the swap never happened, so the old checkpoint (if any) is intact
+        raise checkpoint.CheckpointError(f"--out {args.out}: the checkpoint could not be written ({e.strerror or e}); "
+                                         f"free some space or choose another folder (nothing was replaced)") from e
     log(f"saved {args.out}")
     return team
 
@@ -73,7 +100,7 @@ def run(args, log=print):
 def parser():
     d = lambda name: _default(TeamConfig, name)  # noqa: E731
     t = lambda name: _default(TrainConfig, name)  # noqa: E731
-    ap = argparse.ArgumentParser(prog="python -m minislm.train", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m minislm.train", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=list(data.PROTOCOLS), help="a known dataset, trained by its protocol")
     src.add_argument("--file", help="your own CSV / Parquet / JSONL file with a text and a label column")

@@ -13,8 +13,15 @@ from minislm.experts import fetch as fetch_lib
 from minislm.experts import registry
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minislm.weights", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m minislm.weights", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download, verify, convert and place the experts (repairs damaged ones)")
     f.add_argument("--only", nargs="+", metavar="NAME", help=f"only these experts ({', '.join(registry.EXPERTS)})")
@@ -32,7 +39,7 @@ def main(argv=None):
                 print(f"{name}: {folder}")
             return 0
         store = registry.weights_dir() if args.cmd == "list" or not args.dest else args.dest
-        damaged = 0
+        damaged = []
         for src in registry.EXPERTS.values():
             folder = Path(store) / src.name
             if args.cmd == "list":
@@ -42,12 +49,13 @@ def main(argv=None):
             else:
                 problems = registry.integrity_problems(folder, full=True)
                 state = "intact (every byte hashed)" if not problems else "damaged: " + "; ".join(problems)
-            damaged += state.startswith("damaged")
+            if state.startswith("damaged"):
+                damaged.append(src.name)
             hint = f"  -> run `{registry.FETCH_COMMAND}`" if state == "missing" or state.startswith("damaged") else ""
             print(f"tier {src.tier}  {src.name:26s} {src.params_m:6.1f} M params  {state}  {folder}{hint}")
         if damaged:
-            print(f"error: {damaged} expert folder(s) damaged; run `{registry.FETCH_COMMAND}` to prepare them "
-                  f"again", file=sys.stderr)
+            print(f"error: damaged (files changed since they were prepared): {', '.join(damaged)}; run "
+                  f"`{registry.FETCH_COMMAND}` to prepare them again", file=sys.stderr)
             return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@
     expert = load_expert("/path/to/any/bert-folder")  # or any HF BERT/MPNet folder
     vectors = expert.embed(["a sentence", "another"])  # [B, H], masked mean of the last layer
 """
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class Expert:
 
 def resolve_folder(name_or_path):
     """An expert's registry name or a folder path -> (name, folder)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"an expert is named by a string or a folder path, got {name_or_path!r}")
     if name_or_path in registry.EXPERTS:
         return name_or_path, registry.expert_dir(name_or_path)  # checked against its manifest
     path = Path(name_or_path)

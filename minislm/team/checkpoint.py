@@ -84,13 +84,21 @@ def is_checkpoint(folder):
 
 def check_destination(folder):
     """Refuse a destination that would lose the user's files, or that cannot be written, before any work:
-    it must be a new path, an empty folder, or a minislm checkpoint (which is then replaced)."""
+    it must be a new path, an empty folder, or a minislm checkpoint holding nothing else (then replaced)."""
     folder = Path(folder)
+    if folder.is_symlink():
+        raise CheckpointError(f"--out {folder} is a symbolic link; name the folder it points to, or a new one")
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"--out {folder} is a file, not a folder; name a new folder for the checkpoint")
-    if folder.is_dir() and any(folder.iterdir()) and not is_checkpoint(folder):
-        raise CheckpointError(f"--out {folder} holds files that are not a minislm checkpoint; name a new or empty "
-                              f"folder (nothing was changed)")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not is_checkpoint(folder):
+            raise CheckpointError(f"--out {folder} holds files that are not a minislm checkpoint; name a new or "
+                                  f"empty folder (nothing was changed)")
+        others = sorted(p.name for p in folder.iterdir() if p.name not in (META_FILE, ARRAYS_FILE))
+        if others:  # replacing the checkpoint would delete them with the old folder
+            raise CheckpointError(f"--out {folder} is a checkpoint but also holds {', '.join(others[:3])}"
+                                  f"{' ...' if len(others) > 3 else ''}; move those away or name another folder "
+                                  f"(nothing was changed)")
     parent = folder.parent
     while not parent.exists():
         parent = parent.parent
@@ -134,7 +142,11 @@ def write(folder, meta, arrays):
         else:  # no atomic exchange here: the old one is moved aside for the instant of the rename
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
             os.replace(folder, old)
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old, folder)  # the second rename failed (or was interrupted): put the old one back
+                raise
             shutil.rmtree(old)
     finally:
         if tmp.exists():
@@ -152,14 +164,16 @@ def read_meta(folder):
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise CheckpointError(f"{folder} is not a minislm checkpoint: it has no {META_FILE}") from e
+        raise CheckpointError(f"{folder} is not a minislm checkpoint (it has no {META_FILE}); pass a folder "
+                              f"`{TRAIN_COMMAND}` wrote") from e
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is damaged: train it again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{f} is not a minislm team checkpoint (format {found!r})")
+        raise CheckpointError(f"{f} is not a minislm team checkpoint (format {found!r}); pass a folder "
+                              f"`{TRAIN_COMMAND}` wrote")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{f} has checkpoint version {meta.get('version')}, this minislm reads {VERSION}: "
+        raise CheckpointError(f"{f} has checkpoint version {meta.get('version')}, this minislm reads {VERSION}; "
                               f"train it again with this version (`{TRAIN_COMMAND}`)")
     return meta
 

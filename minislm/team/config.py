@@ -8,6 +8,7 @@ The CLI (`python -m minislm.train`) maps its flags onto these fields and takes i
 checkpoints store `to_dict()` and rebuild with `from_dict()`.
 """
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
@@ -72,18 +73,29 @@ class TeamConfig:
             self.lexical = LexicalSettings(**self.lexical)
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
+        if not isinstance(self.lexical, LexicalSettings) or not isinstance(self.train, TrainConfig):
+            raise ValueError(f"lexical and train must be a LexicalSettings and a TrainConfig (or dicts of their "
+                             f"fields), got {self.lexical!r} and {self.train!r}")
+        if not isinstance(self.experts, (list, tuple)) or not isinstance(self.label_names, (list, tuple)):
+            raise ValueError(f"experts and label_names must be lists, got {self.experts!r} and "
+                             f"{self.label_names!r}")
         self.experts, self.label_names = list(self.experts), [str(n) for n in self.label_names]
         if len(self.label_names) < 2:
-            raise ValueError(f"a classifier needs at least two classes, got {self.label_names}")
+            raise ValueError(f"a classifier needs at least two classes, got {self.label_names}; give rows of two "
+                             f"classes or more")
         if len(set(self.label_names)) != len(self.label_names):
-            raise ValueError(f"label names repeat: {self.label_names}")
+            raise ValueError(f"label names repeat: {self.label_names}; give each class one name")
         if not self.experts or self.experts[0] != LEXICAL:
             raise ValueError(f"the first tier must be {LEXICAL!r} (the cascade's near-free tier 0), got "
-                             f"{self.experts}")
+                             f"{self.experts}; list {LEXICAL!r} first, then the encoders")
         if len(set(self.experts)) != len(self.experts):
-            raise ValueError(f"an expert is listed twice: {self.experts}")
+            raise ValueError(f"an expert is listed twice: {self.experts}; list each once")
         if LEXICAL in self.experts[1:]:
-            raise ValueError(f"{LEXICAL!r} can only be tier 0")
+            raise ValueError(f"{LEXICAL!r} can only be tier 0; list it first and once")
+        for name in self.encoders:  # decided here, before any training, not when the expert is first run
+            if not isinstance(name, str) or (name not in ENCODERS and not Path(name).is_dir()):
+                raise ValueError(f"unknown expert {name!r}: neither a pretrained expert ({', '.join(ENCODERS)}) "
+                                 f"nor a model folder on this machine; name one of those or a folder's path")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if self.gate not in GATES:

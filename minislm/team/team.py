@@ -82,7 +82,7 @@ class Team:
             want = self.expected_sha256.get(name)
             if want and e.weights_sha256 != want and e.rehash() != want:  # re-hash: never trust a stale record
                 raise CheckpointError(f"this team was trained on {name} weights with sha256 {want[:12]}..., but "
-                                      f"{e.folder} holds {e.weights_sha256[:12]}...: train a new team for these "
+                                      f"{e.folder} holds {e.weights_sha256[:12]}...; train a new team for these "
                                       f"weights or fetch the original ones (`{registry.FETCH_COMMAND}`)")
             self._experts[name] = e
         return self._experts[name]
@@ -177,16 +177,29 @@ class Team:
         return out
 
     # ---- the cascade -----------------------------------------------------------------------------------
-    def _check_request(self, texts, max_tier, max_flops):
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+    def _check_request(self, texts, max_tier, max_flops, thresholds=None):
+        if isinstance(texts, str) or not hasattr(texts, "__len__") or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a list of strings; wrap a single text as [text]")
+        for i, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. bytes decoded with errors="surrogateescape"
+                raise ValueError(f"text {i} is not valid Unicode (character {e.start} is a lone surrogate); "
+                                 f"decode the input as UTF-8") from e
         last = len(self.cfg.experts) - 1
         if max_tier is not None and (isinstance(max_tier, bool) or not isinstance(max_tier, (int, np.integer))
                                      or not 0 <= max_tier <= last):
             raise ValueError(f"max_tier must be a whole number from 0 to {last} (this team's tiers: "
                              f"{', '.join(f'{k} {short(e)}' for k, e in enumerate(self.cfg.experts))}), got {max_tier!r}")
-        if max_flops is not None and not (np.isfinite(max_flops) and max_flops > 0):
+        number = (int, float, np.number)
+        if max_flops is not None and (isinstance(max_flops, bool) or not isinstance(max_flops, number)
+                                      or not (np.isfinite(max_flops) and max_flops > 0)):
             raise ValueError(f"max_flops must be a positive number of FLOPs per text, got {max_flops!r}")
+        n = len(self.composition.active) - 1
+        if thresholds is not None and (len(thresholds) != n or not all(
+                isinstance(t, number) and np.isfinite(t) for t in thresholds)):
+            raise ValueError(f"thresholds must be {n} finite numbers, one per active tier but the last (active "
+                             f"tiers: {self.composition.active}), got {list(thresholds)!r}")
         return last if max_tier is None else int(max_tier)
 
     def predict_proba(self, texts, max_tier=None, max_flops=None, thresholds=None, kind="max_prob",
@@ -200,12 +213,9 @@ class Team:
         with explain, per-row gate / fusion attention weights of the answering tier.
         """
         cfg, comp = self.cfg, self.composition
-        last = self._check_request(texts, max_tier, max_flops)
+        last = self._check_request(texts, max_tier, max_flops, thresholds)
         active = [k for k in comp.active if k <= last]
         thresholds = list(comp.thresholds if thresholds is None else thresholds)
-        if len(thresholds) != len(comp.active) - 1:
-            raise ValueError(f"give {len(comp.active) - 1} thresholds, one per active tier but the last "
-                             f"(active tiers: {comp.active}), got {len(thresholds)}")
         B, C = len(texts), len(cfg.label_names)
         probs = np.zeros((B, C), dtype=np.float32)
         exit_tier = np.full(B, -1)
@@ -365,10 +375,6 @@ class Team:
         esc = checkpoint._escape
         try:
             team = cls(TeamConfig.from_dict(meta["config"]), lexical_tokenizer=meta["lexical"]["tokenizer"])
-            for name in team.cfg.encoders:
-                if name not in registry.EXPERTS and not Path(name).is_dir():
-                    raise ValueError(f"expert {name!r} is neither a known expert ({', '.join(registry.EXPERTS)}) "
-                                     f"nor a model folder on this machine")
             team.expected_sha256 = {e["name"]: e["weights_sha256"] for e in meta["experts"]}
             for name in team.cfg.experts:
                 if f"stats/{esc(name)}/mean" in arrays:
