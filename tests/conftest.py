@@ -2,6 +2,9 @@
 
 Tests marked `experts` need the three pretrained experts: the first of them fetches and prepares the weights
 once (`minislm.experts.fetch.fetch`, idempotent), so a fresh machine runs the suite with no manual step.
+Tests that need a real dataset ask `real_dataset` for it: it is looked for where minislm looks
+($MINISLM_DATA_DIR, data/, ../shared/data) and its absence fails the test, naming what is missing; a test is
+never skipped for want of data. Every other data test reads the small committed sets in tests/fixtures/.
 """
 import os
 
@@ -27,3 +30,22 @@ def prepared_experts():
 def _fetch_experts_when_marked(request):
     if request.node.get_closest_marker("experts") is not None:
         request.getfixturevalue("prepared_experts")
+
+
+@pytest.fixture
+def real_dataset():
+    """-> need(name, *splits): the folder holding <name>/{split}.parquet + labels.json, or a failure that says
+    which files are missing, where they were looked for and how to point the tests at them."""
+    from minislm import data
+
+    def need(name, *splits):
+        files = [f"{name}/{s}.parquet" for s in splits] + [f"{name}/labels.json"]
+        dirs = data.search_dirs()
+        for folder in dirs:
+            if all((folder / f).is_file() for f in files):
+                return folder
+        pytest.fail(f"this test needs the real {name} dataset ({', '.join(files)}) and none of "
+                    f"{', '.join(map(str, dirs))} has it: set MINISLM_DATA_DIR to the folder that holds {name}/",
+                    pytrace=False)
+
+    return need

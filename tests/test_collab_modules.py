@@ -99,6 +99,7 @@ def test_cross_entropy(smoothing):
     ref.backward()
     assert loss == pytest.approx(ref.item(), rel=1e-12)
     close(d, tl.grad.numpy())
+    fd_check(lambda l: losses.cross_entropy(l, labels, smoothing)[0], logits, d, f"smoothing {smoothing}")
 
 
 def test_distillation():
@@ -111,6 +112,7 @@ def test_distillation():
     ref.backward()
     assert loss == pytest.approx(ref.item(), rel=1e-10)
     close(d, ts.grad.numpy())
+    fd_check(lambda s_: losses.distillation(s_, teacher, temp)[0], s, d)
 
 
 def test_softmax_gate_and_switch_loss():
@@ -129,7 +131,15 @@ def test_softmax_gate_and_switch_loss():
     assert sw == pytest.approx(tsw.item())
     close(dx, tx.grad.numpy())
     close(grads["gate"]["w"], w.grad.numpy())
+    close(grads["gate"]["b"], b.grad.numpy())
     assert np.allclose(g.sum(1), 1.0)
+
+    def total(params, x_):  # the argmax shares f are piecewise constant: a small step never moves them
+        g_ = gate.softmax_forward(params, x_)[0]
+        return float((g_ * dg_out).sum()) + gate.switch_loss(g_)[0]
+    fd_check(lambda x_: total(p, x_), x, dx, "dx")
+    fd_check(lambda w_: total({"gate": dict(p["gate"], w=w_)}, x), p["gate"]["w"], grads["gate"]["w"], "w")
+    fd_check(lambda b_: total({"gate": dict(p["gate"], b=b_)}, x), p["gate"]["b"], grads["gate"]["b"], "b")
 
 
 def _torch_noisy_topk(x, wg, bg, wn, bn, eps, k):
@@ -168,7 +178,41 @@ def test_noisy_topk_gate_with_its_losses(k):
     close(grads["gate"]["w"], wg.grad.numpy(), "gate w")
     close(grads["noise"]["w"], wn.grad.numpy(), "noise w")
     close(grads["noise"]["b"], bn.grad.numpy(), "noise b")
+    close(grads["gate"]["b"], bg.grad.numpy(), "gate b")
     assert ((g > 0).sum(1) == k).all()
+
+    def total(params, x_):  # fixed noise eps; top-k choice and thresholds do not move under a small step
+        g_, c_ = gate.noisy_topk_forward(params, x_, k, eps)
+        return float((g_ * dg_out).sum()) + gate.importance_loss(g_)[0] + gate.load_loss(c_)[0]
+
+    def with_leaf(part, leaf, v):
+        return dict(p, **{part: dict(p[part], **{leaf: v})})
+    fd_check(lambda x_: total(p, x_), x, dx, "dx")
+    for part, leaf in (("gate", "w"), ("gate", "b"), ("noise", "w"), ("noise", "b")):
+        fd_check(lambda v, part=part, leaf=leaf: total(with_leaf(part, leaf, v), x), p[part][leaf],
+                 grads[part][leaf], f"{part} {leaf}")
+
+
+def test_balance_losses_alone():
+    # each loss's own gradient, against torch and finite differences, on gates that are not from a gate
+    r = rng()
+    g = losses.softmax(r.standard_normal((8, E)) * 2)
+    tg = T(g)
+    cv2 = lambda v: v.var() / (v.mean() ** 2 + 1e-10)  # noqa: E731
+    imp, dimp = gate.importance_loss(g)
+    timp = cv2(tg.sum(0))
+    timp.backward()
+    assert imp == pytest.approx(timp.item(), rel=1e-12)
+    close(dimp, tg.grad.numpy(), "importance")
+    fd_check(lambda g_: gate.importance_loss(g_)[0], g, dimp, "importance")
+    sw, dsw = gate.switch_loss(g)
+    tg = T(g)
+    f = torch.bincount(tg.argmax(1), minlength=E).double() / g.shape[0]
+    tsw = E * (f * tg.mean(0)).sum()
+    tsw.backward()
+    assert sw == pytest.approx(tsw.item(), rel=1e-12)
+    close(dsw, tg.grad.numpy(), "switch")
+    fd_check(lambda g_: gate.switch_loss(g_)[0], g, dsw, "switch")
 
 
 def test_gate_is_deterministic_at_eval():
@@ -246,8 +290,12 @@ def test_ensembles():
     w, b = T(p["w"]), T(p["b"])
     tl = torch.log(torch.from_numpy(P)).reshape(B, -1) @ w.T + b
     (tl * torch.from_numpy(dl)).sum().backward()
+    close(logits, tl.detach().numpy())
     close(g["w"], w.grad.numpy())
     close(g["b"], b.grad.numpy())
+    for leaf in ("w", "b"):
+        fd_check(lambda v, leaf=leaf: float((ensembles.stacking_forward(dict(p, **{leaf: v}), P)[0] * dl).sum()),
+                 p[leaf], g[leaf], f"stacking {leaf}")
 
 
 def test_adamw_matches_torch():

@@ -1,28 +1,113 @@
-"""Datasets: local folders, user files, the hub path, stratification, and bad input."""
+"""Datasets: local folders, user files, the hub path, stratification, and bad input.
+
+Most tests read the small committed sets in tests/fixtures/ (tests/fixtures/make_fixtures.py writes them); the
+ones named *_real check the real AG News, IMDB and DBpedia-14 copies and fail, naming them, when they are absent.
+"""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from minislm import data
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURE_DATA = FIXTURES / "data"
 
-def test_ag_news_local():
-    test = data.load("ag_news", "test")
+
+def test_ag_news_real(real_dataset):
+    folder = real_dataset("ag_news", "train", "test")
+    test = data.load("ag_news", "test", data_dir=folder)
     assert len(test) == 7600 and test.label_names == ["World", "Sports", "Business", "Sci/Tech"]
     assert np.bincount(test.labels).tolist() == [1900] * 4
-    train = data.load("ag_news", "train")
+    train = data.load("ag_news", "train", data_dir=folder)
     assert len(train) == 13675 and set(train.texts).isdisjoint(test.texts)
 
 
-def test_protocols_never_score_a_training_row():
-    for name in ("imdb", "dbpedia_14"):
-        train, test = data.protocol_splits(name)
+def test_protocols_never_score_a_training_row_real(real_dataset):
+    for name, splits in (("imdb", ("train", "test")), ("dbpedia_14", ("test",))):
+        train, test = data.protocol_splits(name, data_dir=real_dataset(name, *splits))
         assert set(train.texts).isdisjoint(test.texts), name
-    train, test = data.protocol_splits("dbpedia_14")
-    assert len(train) + len(test) == 7600 and len(test) == 3800
-    train, test = data.protocol_splits("imdb")
-    assert len(train) == len(test) == 2000 and abs(np.bincount(test.labels)[0] - 1000) <= 5
+        if name == "imdb":
+            assert len(train) == len(test) == 2000 and abs(np.bincount(test.labels)[0] - 1000) <= 5
+        else:
+            assert len(train) + len(test) == 7600 and len(test) == 3800
+
+
+def test_missing_real_dataset_fails_naming_it(real_dataset, tmp_path, monkeypatch):
+    # with MINISLM_DATA_DIR pointing at an empty folder and no other copy, the helper must fail, not skip
+    monkeypatch.setenv("MINISLM_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "search_dirs", lambda data_dir=None: [tmp_path])
+    with pytest.raises(pytest.fail.Exception, match="needs the real imdb dataset .*imdb/train.parquet.*"
+                                                   "set MINISLM_DATA_DIR"):
+        real_dataset("imdb", "train")
+
+
+def test_local_folder_layout():
+    train = data.load("ag_news", "train", data_dir=FIXTURE_DATA)
+    test = data.load("ag_news", "test", data_dir=FIXTURE_DATA)
+    assert train.label_names == test.label_names == ["World", "Sports", "Business", "Sci/Tech"]
+    assert len(train) == 35 and len(test) == 16 and np.bincount(test.labels).tolist() == [4] * 4
+    assert train.source == str(FIXTURE_DATA / "ag_news" / "train.parquet") and test.split == "test"
+    assert train.labels.dtype == np.int64 and "" in train.texts and "原油价格上涨" in train.texts[-1]
+    assert train.protocol == data.PROTOCOLS["ag_news"]
+
+
+def test_protocol_drops_test_rows_seen_in_train():
+    train, test = data.protocol_splits("ag_news", data_dir=FIXTURE_DATA)
+    assert set(train.texts).isdisjoint(test.texts)
+    assert len(test) == 15 and test.protocol["test_rows_dropped_as_in_train"] == 1
+    assert test.protocol["n_train"] == len(train) == 35
+
+
+def test_protocol_split_fraction_halves_one_split():
+    train, test = data.protocol_splits("dbpedia_14", data_dir=FIXTURE_DATA)
+    assert len(train) == len(test) == 28 and set(train.texts).isdisjoint(test.texts)
+    assert np.bincount(test.labels).tolist() == [2] * 14 and test.split == "test-held"
+    again, _ = data.protocol_splits("dbpedia_14", data_dir=FIXTURE_DATA)
+    assert again.texts == train.texts  # a fixed seed: the same half every time
+
+
+def test_clean_training_on_a_loaded_split():
+    train = data.load("ag_news", "train", data_dir=FIXTURE_DATA)
+    out, facts = data.clean_training(train)
+    assert facts["counts"] == {"rows_in": 35, "rows_used": 33, "empty": 1, "duplicates": 1,
+                               "conflicting_duplicates": 0}
+    assert "" not in out.texts and len(set(out.texts)) == len(out)
+
+
+def test_committed_user_files():
+    csv = data.load_file(FIXTURES / "files" / "toy_news.csv")
+    assert csv.label_names == ["Business", "Sci/Tech", "Sports", "World"]   # class names, sorted
+    assert csv.texts[2] == 'Talks resume\nafter a week of "silence"'         # quoted newline and quotes kept
+    assert csv.texts[3] == "1e308" and csv.labels.tolist() == [0, 2, 3, 1, 1, 2]
+    labels = ["World", "Sports", "Business", "Sci/Tech"]
+    jsonl = data.load_file(FIXTURES / "files" / "toy_news.jsonl", label_names=labels)
+    assert jsonl.texts == csv.texts and jsonl.label_names == labels
+    assert [labels[i] for i in jsonl.labels] == [csv.label_names[i] for i in csv.labels]
+    assert data.read_column(FIXTURES / "files" / "toy_news.csv") == csv.texts
+
+
+def test_fixtures_are_what_the_script_writes(tmp_path, monkeypatch):
+    # the committed files must be reproducible from make_fixtures.py, so nobody edits them by hand
+    import importlib.util
+    import shutil
+
+    copy = tmp_path / "fixtures"
+    shutil.copytree(FIXTURES, copy, ignore=shutil.ignore_patterns("data", "files", "__pycache__"))
+    spec = importlib.util.spec_from_file_location("make_fixtures", copy / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    for rel in ("data/ag_news/train.parquet", "data/ag_news/test.parquet", "data/ag_news/labels.json",
+                "data/dbpedia_14/test.parquet", "data/dbpedia_14/labels.json", "files/toy_news.csv",
+                "files/toy_news.jsonl"):
+        if rel.endswith(".parquet"):
+            got = data.load_local(*Path(rel).parts[1:2], Path(rel).stem, copy / "data")
+            want = data.load_local(*Path(rel).parts[1:2], Path(rel).stem, FIXTURE_DATA)
+            assert got.texts == want.texts and got.labels.tolist() == want.labels.tolist(), rel
+        else:
+            assert (copy / rel).read_bytes() == (FIXTURES / rel).read_bytes(), rel
 
 
 def test_stratified_subsample_keeps_shares_and_is_deterministic():
