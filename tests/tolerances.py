@@ -31,5 +31,6 @@ ENCODER_GRAD_ATOL = 5e-5
 ENCODER_GRAD_RTOL = 1e-4
 # A training run's loss against torch's on the same weights, data and AdamW settings (float32 on both sides).
 TRAJECTORY_RTOL = 1e-3
-# float16 disk cache of the frozen layers' output against the float32 forward: final weights after a few steps.
-FLOAT16_CACHE_ATOL = 2e-3
+# Top-k trained on a float16 disk cache of the frozen layers' output vs on the float32 forward: the difference of
+# the final weights, as a fraction of how far training moved them (norms over all trained tensors).
+FLOAT16_CACHE_RTOL = 0.05
