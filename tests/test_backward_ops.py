@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minislm.encoder.pooling import pool_cls_backward, pool_mean_backward
 from minislm.kernels.activations import gelu_backward, gelu_backward_reference
 from minislm.kernels.attention import attention_backward, attention_backward_reference
 from minislm.kernels.embedding import embed_backward, embedding_backward, row_gradient
 from minislm.kernels.matmul import (GROUP_MIN_ROWS, NR, TransposedWeight, linear, linear_backward,
                                     linear_backward_reference, pack_weight)
 from minislm.kernels.norm import layer_norm_backward, layer_norm_backward_reference
-from minislm.kernels.pooling import pool_cls_backward, pool_mean_backward
 from tests.gradcheck import numeric_grad
 from tests.tolerances import (ATTENTION_BACKWARD_RTOL, BACKWARD_KERNEL_ATOL, BACKWARD_KERNEL_RTOL, FD_ATOL, FD_RTOL,
                               GRAD_ATOL, GRAD_RTOL, MATMUL_ATOL, MATMUL_RTOL)

@@ -24,3 +24,13 @@ BACKWARD_KERNEL_RTOL = 1e-5
 # Attention's gradients sum T products of float32 scores and probabilities twice over: atol is this times the
 # largest gradient of the array, rtol this (worst seen 3.5e-7 at T <= 64).
 ATTENTION_BACKWARD_RTOL = 5e-6
+# The whole encoder's float32 gradients against transformers' float64 autograd: |diff| <= ENCODER_GRAD_ATOL times
+# the largest gradient of any tensor + ENCODER_GRAD_RTOL |want| (worst seen 6e-6 of the largest on tiny models;
+# a key bias's true gradient is 0, softmax ignoring a shift, so only the atol bounds its float32 noise).
+ENCODER_GRAD_ATOL = 5e-5
+ENCODER_GRAD_RTOL = 1e-4
+# A training run's loss against torch's on the same weights, data and AdamW settings (float32 on both sides).
+TRAJECTORY_RTOL = 1e-3
+# Top-k trained on a float16 disk cache of the frozen layers' output vs on the float32 forward: the difference of
+# the final weights, as a fraction of how far training moved them (norms over all trained tensors).
+FLOAT16_CACHE_RTOL = 0.05

@@ -3,8 +3,8 @@
 One prediction's path through it:
     ids [B, T] --embed--> x [B, T, H] --layer_forward x L--> hidden states [L+1, B, T, H]
 
-Every step is a plain function of (config, weights, inputs) so that a backward pass can later sit beside
-each forward: `layer_forward(..., keep=True)` returns the intermediates a backward needs.
+Every step is a plain function of (config, weights, inputs); `layer_forward(..., keep=True)` returns the
+intermediates its backward (backward.py) needs.
 
 The two families differ only in the embeddings and the attention bias:
     BERT   word + absolute position (0, 1, 2, ...) + token type 0, then layer norm
@@ -129,6 +129,18 @@ def relative_position_bias(cfg, table, T):
     return np.ascontiguousarray(table[buckets].transpose(2, 0, 1))  # [T, T, N] -> [N, T, T]
 
 
+def relative_position_bias_backward(cfg, d_pos_bias):
+    """d_pos_bias [N, T, T] (summed over the layers that share the bias) -> d_table [buckets, N]: every
+    (query, key) pair's gradient added into the bucket it read."""
+    N, T, _ = d_pos_bias.shape
+    pos = np.arange(T)
+    buckets = relative_buckets(pos[None, :] - pos[:, None], cfg.relative_buckets, cfg.relative_max_distance)
+    d_table = np.empty((cfg.relative_buckets, N), dtype=np.float32)
+    for n in range(N):
+        d_table[:, n] = np.bincount(buckets.ravel(), weights=d_pos_bias[n].ravel(), minlength=cfg.relative_buckets)
+    return d_table
+
+
 def additive_mask(mask):
     """mask [B, T] bool (True = real token) -> [B, T] float32: 0 for real keys, float32 min for padding."""
     return np.where(mask, np.float32(0.0), MASK_VALUE).astype(np.float32)
@@ -153,35 +165,54 @@ class Workspace:
                    attn=AttentionScratch(T, H // cfg.n_heads))
 
 
-def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False, backend=None):
+def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False, backend=None, adapters=None):
     """One post-norm transformer layer.
 
     x [B, T, H], mask_add [B, T], pos_bias [N, T, T] or None -> out [B, T, H] (written in place).
-    With keep=True returns a dict of this layer's intermediates (copies, with GELU's input kept unfused)
-    for a backward pass; otherwise None. backend: the matmul backend (kernels/matmul.py; None = its default).
+    With keep=True returns a dict of this layer's intermediates for a backward pass (minislm/encoder/backward.py):
+    x and y are views of the caller's x and out, the rest copies (GELU's input kept unfused as ffn_pre; GELU's
+    output is recomputed by the backward, one cheap pass instead of [B T, F] more floats kept); otherwise None.
+    backend: the matmul backend (kernels/matmul.py; None = its default).
+    adapters: None, or a dict from some of the linears' names ("qkv", "attn_out", "ffn_in", "ffn_out") to an
+    object whose forward(x [M, K]) -> (delta [M, N], cache) is added to that linear's output before what follows
+    it (a LoRA branch, minislm/experts/adapt.py); with keep their caches are kept under "adapters".
     """
     B, T, H = x.shape
     M = B * T
     x2 = x.reshape(M, H)
+    adapters = adapters or {}
+    adapter_caches = {}
+
+    def add_adapter(name, inp, result):
+        if name in adapters:
+            delta, adapter_caches[name] = adapters[name].forward(inp)
+            result += delta
+
     linear(x2, lw.qkv_w, lw.qkv_b, out=ws.qkv, backend=backend)                                   # [M, 3H]
+    add_adapter("qkv", x2, ws.qkv)
     attention(ws.qkv.reshape(B, T, 3 * H), mask_add, cfg.n_heads, pos_bias,
               out=ws.ctx.reshape(B, T, H), scratch=ws.attn)                      # [B, T, H]
     linear(ws.ctx, lw.attn_out_w, lw.attn_out_b, out=ws.proj, backend=backend)                    # [M, H]
+    add_adapter("attn_out", ws.ctx, ws.proj)
     layer_norm(ws.proj, lw.ln1_gamma, lw.ln1_beta, cfg.layer_norm_eps, residual=x2, out=ws.a)
     cache = None
-    if keep:
+    if keep or "ffn_in" in adapters:
         pre = linear(ws.a, lw.ffn_in_w, lw.ffn_in_b, backend=backend)                             # [M, F] before GELU
+        add_adapter("ffn_in", ws.a, pre)
         gelu(pre, out=ws.h)
-        cache = {"x": x2.copy(), "qkv": ws.qkv.copy(), "ctx": ws.ctx.copy(), "proj": ws.proj.copy(),
-                 "a": ws.a.copy(), "ffn_pre": pre, "h": ws.h.copy()}
+        if keep:
+            cache = {"x": x2, "qkv": ws.qkv.copy(), "ctx": ws.ctx.copy(), "proj": ws.proj.copy(),
+                     "a": ws.a.copy(), "ffn_pre": pre}
     else:
         linear(ws.a, lw.ffn_in_w, lw.ffn_in_b, gelu=True, out=ws.h, backend=backend)              # [M, F], GELU fused
     linear(ws.h, lw.ffn_out_w, lw.ffn_out_b, out=ws.f, backend=backend)                           # [M, H]
+    add_adapter("ffn_out", ws.h, ws.f)
     out2 = out.reshape(M, H)
     layer_norm(ws.f, lw.ln2_gamma, lw.ln2_beta, cfg.layer_norm_eps, residual=ws.a, out=out2)
     if keep:
         cache["f"] = ws.f.copy()
-        cache["y"] = out2.copy()
+        cache["y"] = out2
+        cache["adapters"] = adapter_caches
     return cache
 
 
@@ -214,16 +245,20 @@ class Encoder:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); found {ids.min()}..{ids.max()}: "
                              f"the ids come from another model's tokenizer")
 
-    def forward(self, ids, mask, keep=False):
+    def forward(self, ids, mask, keep=False, adapters=None):
         """ids [B, T] int, mask [B, T] bool -> hidden states [L+1, B, T, H] (index 0 = embeddings).
 
-        With keep=True also returns a list of L dicts of per-layer intermediates (see layer_forward).
+        keep: False, True (every layer) or a collection of layer indices; when not False also returns a list of
+        L entries, each layer's intermediates (see layer_forward) or None for a layer not kept. A backward needs
+        the layers from the lowest trained one up (backward.py says what that costs in memory).
+        adapters: None, or a list of L dicts of per-layer adapters (see layer_forward), e.g. LoRA branches.
         """
         cfg = self.config
         ids = np.asarray(ids, dtype=np.int64)
         mask = np.asarray(mask, dtype=bool)
         self.check_ids(ids, mask)
         B, T = ids.shape
+        kept = set(range(cfg.n_layers)) if keep is True else set(keep or ())
         hidden = np.empty((cfg.n_layers + 1, B, T, cfg.hidden), dtype=np.float32)
         caches = []
         if B and T:
@@ -234,6 +269,8 @@ class Encoder:
                 pos_bias = relative_position_bias(cfg, self.embeddings.relative_bias, T)
             ws = Workspace.allocate(cfg, B, T)
             for i, lw in enumerate(self.layers):
-                caches.append(layer_forward(cfg, lw, hidden[i], mask_add, pos_bias, hidden[i + 1], ws, keep,
-                                             self.matmul_backend))
-        return (hidden, caches) if keep else hidden
+                caches.append(layer_forward(cfg, lw, hidden[i], mask_add, pos_bias, hidden[i + 1], ws, i in kept,
+                                            self.matmul_backend, adapters[i] if adapters else None))
+        else:
+            caches = [None] * cfg.n_layers
+        return (hidden, caches) if keep is not False else hidden
