@@ -21,7 +21,7 @@ from minislm.bench import cpu_info, median_seconds
 from minislm.collab import losses
 from minislm.collab.optim import AdamW
 from minislm.experts import adapt, load_expert
-from minislm.experts.finetune import FinetuneConfig, Model
+from minislm.team.finetune import FinetuneConfig, Model
 
 SHORT = {"all-MiniLM-L6-v2": "l6", "paraphrase-MiniLM-L3-v2": "l3", "all-mpnet-base-v2": "mpnet"}
 B, T, RANK, ALPHA, LR, WD = 32, 128, 8, 16.0, 1e-4, 0.01

@@ -15,7 +15,7 @@ from minislm.collab import heads
 from minislm.collab.optim import leaves
 from minislm.encoder.backward import encoder_backward, encoder_params
 from minislm.experts import adapt, load_expert
-from minislm.experts.finetune import FinetuneConfig, finetune, learning_rate, length_sorted_batches
+from minislm.team.finetune import FinetuneConfig, finetune, learning_rate, length_sorted_batches
 from tests.model_folders import make_tiny_folder, reference_model
 from tests.test_encoder import padded_ids
 from tests.tolerances import ENCODER_ATOL, ENCODER_GRAD_ATOL, ENCODER_GRAD_RTOL, FLOAT16_CACHE_RTOL, TRAJECTORY_RTOL

@@ -5,6 +5,7 @@
     load.py          load_expert(name or folder) -> tokenizer + encoder + embed()
     features.py      every layer's pooled features over a dataset, cached on disk, resumable
     lexical.py       the from-scratch n-gram expert, with its sparse backward
+    adapt.py         LoRA, top-k and full adaptation of an encoder; deltas checked against the base weights
 """
 from minislm.experts.load import Expert, load_expert
 from minislm.experts.registry import ENCODERS, EXPERTS, LEXICAL

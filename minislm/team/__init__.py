@@ -4,7 +4,10 @@
     team.py        Team: inference through the cascade (and gated mode), to and from a checkpoint's state
     training.py    staged training (stages 1-3 and the threshold search): train_team, fit
     cascade.py     confidence, threshold search, the accuracy-vs-FLOPs curve
+    composition.py which tiers run, what each serves, where rows stop: chosen on held-apart rows
     costs.py       FLOPs per row of an encoder tier and of a head
+    finetune.py    training one expert (LoRA, top-k layers, full) with its own head: the hand-written backward
+    adaptation.py  the team's adaptation stage: AdaptSettings, adapt, load_delta
     checkpoint.py  the folder format: safetensors + JSON, checksummed, swapped in atomically
 """
 from minislm.team.checkpoint import CheckpointError

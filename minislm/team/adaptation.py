@@ -9,12 +9,12 @@
 The delta holds only what changed (LoRA's A and B, or the trained layers' tensors), float32, and meta records
 the base weights' sha256: loading it onto other weights is refused. The adapted expert reports a
 weights_sha256 derived from the base's and the delta's, so feature caches keyed on it never mix the two.
-Training is minislm.experts.finetune (AdamW, warm-up + decay, early stopping, resumable from work_dir).
+Training is minislm.team.finetune (AdamW, warm-up + decay, early stopping, resumable from work_dir).
 """
 from dataclasses import dataclass
 
 from minislm.experts import adapt as adapt_lib
-from minislm.experts.finetune import FinetuneConfig, finetune
+from minislm.team.finetune import FinetuneConfig, finetune
 
 
 @dataclass
