@@ -25,6 +25,7 @@ from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
 from minislm.experts import registry
 from minislm.team import checkpoint
+from minislm.team.adaptation import AdaptSettings
 from minislm.team.config import GATES, TeamConfig
 from minislm.team.team import Team
 from minislm.team.training import fit
@@ -48,7 +49,11 @@ def team_config(args, dataset_name, label_names):
                      seed=args.seed)
     return TeamConfig(dataset=dataset_name, label_names=list(label_names), experts=list(args.experts),
                       fusion=args.fusion, max_len=args.max_len, proj_dim=args.proj_dim, head_hidden=args.head_hidden,
-                      gate=args.gate, balance=args.balance, val_fraction=args.val_fraction, train=tc, seed=args.seed)
+                      gate=args.gate, balance=args.balance, val_fraction=args.val_fraction, train=tc, seed=args.seed,
+                      adapt={name: AdaptSettings(method=args.adapt_method, rank=args.adapt_rank, top_k=args.adapt_top_k,
+                                                 epochs=args.adapt_epochs, lr=args.adapt_lr,
+                                                 max_len=args.adapt_max_len, head_tail=args.head_tail, seed=args.seed)
+                             for name in args.adapt})
 
 
 def check_settings(args):
@@ -122,6 +127,17 @@ def parser():
     ap.add_argument("--batch-size", type=int, default=t("batch_size"))
     ap.add_argument("--lr", type=float, default=t("lr"))
     ap.add_argument("--seed", type=int, default=d("seed"))
+    a = lambda name: _default(AdaptSettings, name)  # noqa: E731
+    ap.add_argument("--adapt", nargs="+", default=[], metavar="EXPERT",
+                    help="encoders to train on the task before fusion (the rest stay frozen)")
+    ap.add_argument("--adapt-method", default=a("method"), choices=["lora", "topk", "full"])
+    ap.add_argument("--adapt-rank", type=int, default=a("rank"), help="LoRA rank")
+    ap.add_argument("--adapt-top-k", type=int, default=a("top_k"), help="layers trained by --adapt-method topk")
+    ap.add_argument("--adapt-epochs", type=int, default=a("epochs"))
+    ap.add_argument("--adapt-lr", type=float, default=a("lr"))
+    ap.add_argument("--adapt-max-len", type=int, default=a("max_len"), help="tokens per text while adapting")
+    ap.add_argument("--head-tail", type=int, default=a("head_tail"),
+                    help="keep a long text's first N and last (max-len - 2 - N) tokens while adapting")
     return ap
 
 

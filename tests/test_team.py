@@ -207,3 +207,28 @@ def test_train_from_lists(tmp_path, monkeypatch, team):
         train_team(["a", "b"], ["red", "purple"], label_names=names, **small)
     with pytest.raises(ValueError, match="2 texts, 1 labels"):
         train_team(["a", "b"], ["red"], **small)
+
+
+def test_an_adapted_team_round_trips_through_its_checkpoint(team, tmp_path, monkeypatch):
+    """A LoRA-adapted encoder: the checkpoint stores only the delta beside the base's sha256, and the loaded
+    team answers exactly as the trained one."""
+    _, root = team
+    monkeypatch.setenv("MINISLM_CACHE_DIR", str(tmp_path / "cache"))
+    from minislm.team import training
+    monkeypatch.setattr(training, "ADAPT_CACHE", tmp_path / "adapt")
+    bert = str(root / "bert")
+    t = train_team(toy(90, 6).texts, [int(y) for y in toy(90, 6).labels], label_names=["red", "green", "blue"],
+                   log=lambda s: None, experts=[LEXICAL, bert], proj_dim=8, head_hidden=8, folds=2, router_top_k=0,
+                   lexical={"dim": 4, "n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32},
+                   adapt={bert: {"method": "lora", "rank": 2, "epochs": 1, "batch_size": 16, "max_len": 16}})
+    assert bert in t.deltas and t.metrics["adapt"][bert]["trainable_params"] > 0
+    t.composition = Composition.every_tier_fused(2, [1.01])  # every row through the adapted encoder
+    t.save(tmp_path / "ckpt")
+    back = Team.load(tmp_path / "ckpt")
+    texts = toy(10, 7).texts
+    np.testing.assert_array_equal(back.predict_proba(texts)[0], t.predict_proba(texts)[0])
+    meta = json.loads((tmp_path / "ckpt" / "team.json").read_text())
+    assert meta["deltas"][bert]["method"] == "lora"
+    assert meta["experts"][1]["weights_sha256"] == meta["deltas"][bert]["base_sha256"]
+    assert all(k.startswith(("delta/", "stats/", "single/", "tier", "lexical/", "router", "stack"))
+               for k in meta["arrays_sha256"])

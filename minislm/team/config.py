@@ -13,6 +13,7 @@ from pathlib import Path
 from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
 from minislm.experts.registry import ENCODERS, LEXICAL
+from minislm.team.adaptation import AdaptSettings
 
 GATES = ("softmax", "noisy_topk")
 LEXICAL_FEATURES = ("oof", "bag")
@@ -64,6 +65,7 @@ class TeamConfig:
     tolerance: float = 0.002          # the cascade served: the cheapest setting within this accuracy of the best
     crossfit_below: int = 4000        # below this many training rows every choice is made on out-of-fold
                                       # predictions over all rows (k = folds), not on the validation split alone
+    adapt: dict = field(default_factory=dict)  # encoder -> AdaptSettings: trained on the task after stage 1
     lexical: LexicalSettings = field(default_factory=LexicalSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0                     # the validation carve-out, the lexical expert, the out-of-fold folds
@@ -73,6 +75,9 @@ class TeamConfig:
             self.lexical = LexicalSettings(**self.lexical)
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
+        if not isinstance(self.adapt, dict):
+            raise ValueError(f"adapt must map encoder names to adaptation settings, got {type(self.adapt).__name__}")
+        self.adapt = {k: v if isinstance(v, AdaptSettings) else AdaptSettings(**v) for k, v in self.adapt.items()}
         if not isinstance(self.lexical, LexicalSettings) or not isinstance(self.train, TrainConfig):
             raise ValueError(f"lexical and train must be a LexicalSettings and a TrainConfig (or dicts of their "
                              f"fields), got {self.lexical!r} and {self.train!r}")
@@ -96,6 +101,9 @@ class TeamConfig:
             if not isinstance(name, str) or (name not in ENCODERS and not Path(name).is_dir()):
                 raise ValueError(f"unknown expert {name!r}: neither a pretrained expert ({', '.join(ENCODERS)}) "
                                  f"nor a model folder on this machine; name one of those or a folder's path")
+        stray = [k for k in self.adapt if k not in self.encoders]
+        if stray:
+            raise ValueError(f"adapt names {stray}, which are not encoders of this team ({self.encoders})")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if self.gate not in GATES:

@@ -23,6 +23,7 @@ from minislm.flops import FlopLedger
 from minislm.collab import ensembles
 from minislm.team import cascade, checkpoint
 from minislm.team.composition import Composition, stack_flops
+from minislm.team.adaptation import load_delta
 from minislm.team.checkpoint import CheckpointError
 from minislm.team.config import TeamConfig
 from minislm.team.costs import encoder_row_flops, head_flops
@@ -52,7 +53,8 @@ class Team:
         self.router = None              # (CollabConfig, params): gated mode, a top-k gate fed by the lexical expert
         self.metrics = {}               # validation numbers recorded during training
         self.protocol = {}              # what the team was trained on
-        self.expected_sha256 = {}       # expert -> weights sha256 the team was trained with
+        self.expected_sha256 = {}       # expert -> sha256 of the base weights the team was trained on
+        self.deltas = {}                # expert -> (arrays, meta): what adaptation changed in it (adaptation.py)
         self.command = None             # the command that trained it
         self.training = None            # training.TrainingRecord of a team trained in this process (never saved)
         self._experts = {}
@@ -84,8 +86,16 @@ class Team:
                 raise CheckpointError(f"this team was trained on {name} weights with sha256 {want[:12]}..., but "
                                       f"{e.folder} holds {e.weights_sha256[:12]}...; train a new team for these "
                                       f"weights or fetch the original ones (`{registry.FETCH_COMMAND}`)")
+            if name in self.deltas:  # an adapted expert: the stored change, merged onto its checked base
+                e = load_delta(e, *self.deltas[name])
             self._experts[name] = e
         return self._experts[name]
+
+    def base_sha256(self, name):
+        """sha256 of the pretrained weights under expert `name` (before any adaptation)."""
+        if name in self.deltas:
+            return self.deltas[name][1]["base_sha256"]
+        return self.expert(name).weights_sha256
 
     def tokenizer(self):
         """The WordPiece tokenizer the lexical expert reads."""
@@ -339,12 +349,15 @@ class Team:
             arrays.update(checkpoint.flatten(self.router[1], "router"))
         for k, params in self.composition.stacks.items():
             arrays.update(checkpoint.flatten(params, f"stack{k}"))
+        for name, (delta, _) in self.deltas.items():
+            arrays.update({f"delta/{esc(name)}/{k}": v for k, v in delta.items()})
         lex_arrays, lex_meta = self.lexical.state()
         arrays.update({f"lexical/{k}": v for k, v in lex_arrays.items()})
         meta = {
             "command": self.command, "config": self.cfg.to_dict(), "label_names": list(self.cfg.label_names),
-            "experts": [{"name": e, "tier": k, "weights_sha256": None if e == LEXICAL else self.expert(e).weights_sha256}
+            "experts": [{"name": e, "tier": k, "weights_sha256": None if e == LEXICAL else self.base_sha256(e)}
                         for k, e in enumerate(self.cfg.experts)],
+            "deltas": {name: meta for name, (_, meta) in self.deltas.items()},
             "lexical": dict(lex_meta, tokenizer=self.lexical_tokenizer),
             "singles": {n: c.to_dict() for n, (c, _) in self.singles.items()},
             "tiers": [None if t is None else t[0].to_dict() for t in self.tiers],
@@ -376,6 +389,9 @@ class Team:
         try:
             team = cls(TeamConfig.from_dict(meta["config"]), lexical_tokenizer=meta["lexical"]["tokenizer"])
             team.expected_sha256 = {e["name"]: e["weights_sha256"] for e in meta["experts"]}
+            for name, dmeta in meta.get("deltas", {}).items():
+                prefix = f"delta/{esc(name)}/"
+                team.deltas[name] = ({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, dmeta)
             for name in team.cfg.experts:
                 if f"stats/{esc(name)}/mean" in arrays:
                     team.stats[name] = (arrays[f"stats/{esc(name)}/mean"], arrays[f"stats/{esc(name)}/std"])

@@ -2,8 +2,10 @@
 
     check    the rows are validated first (minislm.data.clean_training): two classes at least, empty texts
              and duplicates removed, so no text lands on both sides of the split
-    stage 1  each expert's own model: the lexical expert (fastText-style), and per encoder a layer mix over
-             its pooled layers + an MLP head
+    adapt    (optional, cfg.adapt) chosen encoders train on the task with their own heads: LoRA, top-k layers
+             or every tensor, through the hand-written encoder backward (adaptation.py, finetune.py)
+    stage 1  each expert's own model: the lexical expert, and per encoder a layer mix over its pooled layers
+             (read from the adapted encoder where there is one) + an MLP head
     stage 2  the full collaboration over every expert (projection, gate, fusion, head), layer mixes started
              from stage 1
     stage 3  the cheaper prefixes of the team (lexical; lexical + L3; ...) distilled from the full model:
@@ -18,6 +20,7 @@ far more reliable in training than on new text. `lexical_features="bag"` uses th
 """
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -26,9 +29,12 @@ from minislm.collab import losses, trainer
 from minislm.collab import model as collab
 from minislm.experts.lexical import LexicalModel
 from minislm.team import composition
+from minislm.team.adaptation import adapt
 from minislm.team.costs import encoder_row_flops, head_flops
 from minislm.team.config import TeamConfig
 from minislm.team.team import LEXICAL, Team, lexical_logprob, short
+
+ADAPT_CACHE = Path(__file__).resolve().parent.parent.parent / "cache" / "adapt"
 
 
 @dataclass
@@ -198,6 +204,23 @@ def crossfit_evidence(team, train, raw, log):
         join(lambda ev: ev.lexical_flops), first.head_flops, cfg.folds, cfg.seed)
 
 
+def adapt_stage(team, train, fit_idx, val_idx, log):
+    """Train each encoder named in cfg.adapt on the task (its own head, the fit rows; early stopping on the
+    validation rows); the team then reads its features from the adapted encoder. Resumable: step
+    checkpoints live in cache/adapt/<expert>-<base sha>/."""
+    texts_fit = [train.texts[i] for i in fit_idx]
+    texts_val = [train.texts[i] for i in val_idx]
+    team.metrics["adapt"] = {}
+    for name, settings in team.cfg.adapt.items():
+        log(f"adaptation: {name} ({settings.method})")
+        base = team.expert(name)
+        work = ADAPT_CACHE / f"{Path(name).name}-{base.weights_sha256[:12]}-{settings.method}-{team.cfg.seed}"
+        adapted, delta, info = adapt(base, texts_fit, train.labels[fit_idx], texts_val, train.labels[val_idx],
+                                     settings, log=log, work_dir=work)
+        team._experts[name], team.deltas[name] = adapted, delta
+        team.metrics["adapt"][name] = info
+
+
 def fit(team, train, log=print, progress=True):
     """Stages 1-3 and the composition on `train` (a TextDataset) -> the team, with team.training set."""
     cfg = team.cfg
@@ -209,16 +232,18 @@ def fit(team, train, log=print, progress=True):
         raise data_lib.DataError(f"{len(train)} usable rows are too few to fit and validate on; give more rows "
                                  f"(at least a few per class)")
     team.protocol = dict(train.protocol, n_fit=len(fit_idx), n_val=len(val_idx), cleaning=facts["counts"])
+    if cfg.adapt:
+        adapt_stage(team, train, fit_idx, val_idx, log)
     raw = {}
     for name in cfg.encoders:
         log(f"features: {name}")
         raw[name] = team.encoder_features(name, train.texts, split=train.split, progress=progress)
     rec = train_split(team, train, fit_idx, val_idx, raw, log=log)
     team.training = rec
-    if len(train) < cfg.crossfit_below:
+    if len(train) < cfg.crossfit_below and not cfg.adapt:
         log(f"composition: {len(train)} rows < {cfg.crossfit_below}, so every choice is cross-fitted over all rows")
         ev = crossfit_evidence(team, train, raw, log)
-    else:
+    else:  # (an adapted encoder has seen every fit row, so out-of-fold rows would not be held apart from it)
         log(f"composition: chosen on the {len(val_idx)} validation rows")
         ev = evidence(team, rec.feats_val, rec.lexical_val, rec.y_val, rec.texts_val)
     comp, record = composition.compose(ev, cfg.tolerance)
