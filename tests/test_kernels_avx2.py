@@ -1,4 +1,5 @@
-"""The AVX2 kernels (8-lane SIMD, the 6 x 16 tile, panels of 16) against NumPy, on any x86 machine.
+"""The AVX2 kernels (8-lane SIMD, the 6 x 16 tile, panels of 16) against NumPy, on any x86 machine; and the
+serial kernels that small inputs (one short text) run on, against the parallel ones.
 
 A process compiles one path, chosen by its CPU (tiles.py). On an AVX-512 machine the AVX2 path is checked
 by `test_avx2_path_compiled_for_haswell`, which runs the AVX2-only tests below, and the linear and
@@ -161,3 +162,58 @@ def test_avx2_attention_matches_reference(B, T, N, D, lengths):
     qkv, mask, pos_bias = rand(rng, B, T, 3 * N * D), padding_mask(lengths, T, -1e4), rand(rng, N, T, T)
     want = attention_reference(qkv.astype(np.float64), mask.astype(np.float64), N, pos_bias.astype(np.float64))
     assert_close(attention(qkv, mask, N, pos_bias), want, KERNEL_ATOL, KERNEL_RTOL, "avx2 attention")
+
+
+# ---------------------------------------------------------------- one text at a time: the serial kernels
+
+SMALL_SHAPES = [(1, 1, 1), (1, 384, 1152), (1, 7, 40), (5, 33, 17), (32, 384, 384), (32, 1536, 384), (33, 64, 70)]
+
+
+@pytest.mark.parametrize("M,K,N", SMALL_SHAPES)
+@pytest.mark.parametrize("bias,act", [(False, False), (True, True)])
+def test_serial_linear_kernel_matches_parallel_and_reference(M, K, N, bias, act):
+    """The same tiles in the same order on one thread: bit-identical to the parallel kernel before GELU
+    (GELU's vectorised and scalar code paths round differently, well within the kernel tolerance)."""
+    from minislm.kernels.matmul import _NO_BIAS, _linear_kernel, _linear_kernel_serial
+
+    rng = np.random.default_rng(M + K + N)
+    x, w = rand(rng, M, K), rand(rng, N, K, scale=K ** -0.5)
+    b = rand(rng, N) if bias else None
+    panels = pack_weight(w).panels
+    serial, parallel = (np.full((M, N), np.nan, np.float32) for _ in range(2))
+    _linear_kernel_serial(x, panels, N, _NO_BIAS if b is None else b, act, serial)
+    _linear_kernel(x, panels, N, _NO_BIAS if b is None else b, act, parallel)
+    if act:
+        assert_close(serial, parallel, KERNEL_ATOL, KERNEL_RTOL, "serial vs parallel linear with GELU")
+    else:
+        np.testing.assert_array_equal(serial, parallel)
+    check_linear(x, w, b, act, serial, f"serial linear {M}x{K}x{N}")
+
+
+def test_linear_runs_small_products_on_one_thread(monkeypatch):
+    from minislm.kernels import matmul
+
+    def parallel_kernel_called(*args):
+        raise AssertionError("a small product went to the parallel kernel")
+
+    monkeypatch.setattr(matmul, "_linear_kernel", parallel_kernel_called)
+    rng = np.random.default_rng(3)
+    x, w, b = rand(rng, 4, 60), rand(rng, 50, 60), rand(rng, 50)
+    assert matmul.matmul_flops(4, 60, 50) < matmul.SERIAL_MAX_FLOP
+    check_linear(x, w, b, True, linear(x, w, b, gelu=True), "small linear")
+    with pytest.raises(AssertionError, match="parallel kernel"):
+        linear(rand(rng, 64, 384), w=rand(rng, 384, 384))
+
+
+@pytest.mark.parametrize("B,T,N,D,lengths", [(1, 32, 12, 32, [32]), (1, 9, 2, 64, [7]), (2, 5, 3, 16, [5, 2])])
+def test_serial_attention_kernel_matches_parallel_and_reference(B, T, N, D, lengths):
+    from minislm.kernels.attention import AttentionScratch, _attention_kernel, _attention_kernel_serial
+
+    rng = np.random.default_rng(T + D)
+    qkv, mask, pos_bias = rand(rng, B, T, 3 * N * D), padding_mask(lengths, T, -1e4), rand(rng, N, T, T)
+    serial, parallel = (np.full((B, T, N * D), np.nan, np.float32) for _ in range(2))
+    _attention_kernel_serial(qkv, mask, N, pos_bias, serial, *AttentionScratch(T, D).arrays)
+    _attention_kernel(qkv, mask, N, pos_bias, parallel, *AttentionScratch(T, D).arrays)
+    np.testing.assert_array_equal(serial, parallel)
+    want = attention_reference(qkv.astype(np.float64), mask.astype(np.float64), N, pos_bias.astype(np.float64))
+    assert_close(serial, want, KERNEL_ATOL, KERNEL_RTOL, "serial attention vs reference")

@@ -32,6 +32,7 @@ from minislm.kernels.tiles import TILE_ROWS, rows_times_panels, whole_panels
 MB = 8 * TILE_ROWS   # rows of x per parallel task: whole tiles (64 with 8-row tiles, 48 with 6-row ones)
 GROUP = 128 // NR    # panels per parallel task (128 output columns)
 GROUP_MIN_ROWS = 256  # below this many rows a task takes one panel, so small products still split
+SERIAL_MAX_FLOP = 1_000_000  # products smaller than this run on one thread (_linear_kernel_serial)
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
 BACKENDS = ("numba", "blas", "auto")
@@ -117,12 +118,36 @@ def _linear_kernel(x, panels, n, b, gelu, out):
         j0 = full_panels * NR
         last = panels[P - 1]
         for i in prange(M):
-            for j in range(n - j0):
-                acc = np.float32(0.0)
-                for k in range(x.shape[1]):
-                    acc += x[i, k] * last[k, j]
-                out[i, j0 + j] = acc
-            _epilogue(out, b, gelu, i, i + 1, j0, n)
+            _last_columns(x, last, j0, n, b, gelu, out, i)
+
+
+@njit(cache=True, fastmath=True)  # serial on purpose: see SERIAL_MAX_FLOP
+def _linear_kernel_serial(x, panels, n, b, gelu, out):
+    # _linear_kernel on one thread, for small products: x [M, K] @ panels [P, K, W] (+ b) -> out [M, n].
+    # Measured on a 2-core AVX-512 host: below ~0.5 MFLOP the parallel split costs more than it saves, and
+    # when another process holds a core, a parallel call waits for its descheduled thread (milliseconds).
+    # One panel at a time over all rows: the panel (K x W floats) is read once, the rows stay in cache.
+    M = x.shape[0]
+    full_panels = n // NR
+    for p in range(full_panels):
+        rows_times_panels(x, panels, out, 0, M, p, p + 1)
+        _epilogue(out, b, gelu, 0, M, p * NR, p * NR + NR)
+    if full_panels < panels.shape[0]:
+        j0 = full_panels * NR
+        last = panels[panels.shape[0] - 1]
+        for i in range(M):
+            _last_columns(x, last, j0, n, b, gelu, out, i)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _last_columns(x, last, j0, n, b, gelu, out, i):
+    # out[i, j0:n] from the last, partial panel last [K, W], then its epilogue
+    for j in range(n - j0):
+        acc = np.float32(0.0)
+        for k in range(x.shape[1]):
+            acc += x[i, k] * last[k, j]
+        out[i, j0 + j] = acc
+    _epilogue(out, b, gelu, i, i + 1, j0, n)
 
 
 @njit(cache=True, fastmath=True, inline="always")  # inlined into the prange body, where it vectorises
@@ -153,6 +178,7 @@ def linear(x, w, b=None, gelu=False, out=None, backend=None):
     w is the torch-layout weight [N, K] or, faster, the same weight packed once with `pack_weight`.
     All arrays float32 and C-contiguous; `out` [M, N] is written in place when given (it must not overlap
     x or w). backend: "numba", "blas" or "auto" (default: MINISLM_MATMUL, else "numba"; see the module doc).
+    On "numba", products under SERIAL_MAX_FLOP (2 M K N) run on one thread, larger ones on all of them.
     """
     check_array("linear", "x", x, ndim=2)
     if not isinstance(w, PackedWeight):
@@ -175,7 +201,8 @@ def linear(x, w, b=None, gelu=False, out=None, backend=None):
         if b.shape[0] > 0 or gelu:
             _bias_gelu_kernel(out, b, bool(gelu))
     elif M and N:
-        _linear_kernel(x, pack_weight(w).panels, N, b, bool(gelu), out)
+        kernel = _linear_kernel_serial if matmul_flops(M, K, N) < SERIAL_MAX_FLOP else _linear_kernel
+        kernel(x, pack_weight(w).panels, N, b, bool(gelu), out)
     return out
 
 

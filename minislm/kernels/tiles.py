@@ -17,9 +17,10 @@ every fast BLAS. Which tile runs is fixed at import by the CPU (PANEL and TILE_R
     AVX2    (16 registers of 8 floats):  6 x 16, 12 accumulators + 2 weight vectors + 1 broadcast,
                                          panels of W = 16 columns (BLIS's Haswell/Zen sgemm shape)
 
-The 2 x 32 tile (8 accumulators) was the AVX2 tile before the 6 x 16 one; compiled for Haswell the 6 x 16
-tile measured faster (minislm/kernels/bench.py compares them), and it stays as the reference point.
-R = 1 tiles finish rows left over. Every tile is tested against NumPy (tests/test_kernels.py,
+The 2 x 32 tile (8 accumulators) was the AVX2 tile before; it stays as the point of comparison. Compiled
+for Haswell and timed on one core of an AVX-512 Xeon (a proxy: no AVX2-only CPU was at hand), over
+480 x 384 @ 384 x 1536: 6 x 16 82 GFLOP/s, 4 x 24 82, 2 x 32 55-65, 8 x 16 37 (its 16 accumulators
+spill). R = 1 tiles finish rows left over. Every tile is tested against NumPy (tests/test_kernels.py,
 tests/test_kernels_avx2.py).
 
 `rows_times_panels` runs the tiles over a block of rows and panels; the GEMM (matmul.py) and both
