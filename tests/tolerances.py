@@ -17,3 +17,6 @@ FD_ATOL = 1e-6
 FD_RTOL = 1e-4
 # Converted ONNX weights run by transformers vs onnxruntime on the original file.
 CONVERT_ATOL = 1e-5
+# int8 linear (7-bit weights per channel, 8-bit activations per row) against float32 linear: relative
+# Frobenius error on Gaussian data of the encoder's shapes (measured 1.6-1.8%).
+INT8_REL_ERR = 0.025
