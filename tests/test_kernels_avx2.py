@@ -97,10 +97,10 @@ def test_simd8_max_and_horizontal_max():
     assert row_max(row) == -3.0
 
 
-@pytest.mark.parametrize("tile_rows", [6, 1])
+@pytest.mark.parametrize("tile_rows", [6, 2, 1])
 def test_avx2_register_tiles_match_numpy(tile_rows):
-    """tile_6x16 and tile_1x16 (compiled on any CPU): out[i:i+R, j0:j0+16] = x[i:i+R] @ panel [K, 16]."""
-    tile = {6: tiles.tile_6x16, 1: tiles.tile_1x16}[tile_rows]
+    """tile_6x16, 2x16 and 1x16 (compiled on any CPU): out[i:i+R, j0:j0+16] = x[i:i+R] @ panel [K, 16]."""
+    tile = {6: tiles.tile_6x16, 2: tiles.tile_2x16, 1: tiles.tile_1x16}[tile_rows]
 
     @njit
     def run(x, panel, out, i, j0, accumulate):
@@ -122,7 +122,7 @@ def test_avx2_register_tiles_match_numpy(tile_rows):
 # ---------------------------------------------------------------- the AVX2 path (compiled for AVX2 only)
 
 AVX2_LINEAR_SHAPES = [  # (M, K, N): M=1, rows left over after 6-row tiles, K odd, N not whole panels
-    (1, 1, 1), (1, 384, 1536), (5, 7, 3), (7, 13, 17), (13, 101, 16), (32, 384, 1152), (49, 385, 47),
+    (1, 1, 1), (1, 384, 1536), (5, 7, 3), (7, 13, 17), (11, 9, 20), (13, 101, 16), (32, 384, 1152), (49, 385, 47),
     (97, 1031, 33), (300, 64, 130),
 ]
 

@@ -20,8 +20,8 @@ every fast BLAS. Which tile runs is fixed at import by the CPU (PANEL and TILE_R
 The 2 x 32 tile (8 accumulators) was the AVX2 tile before; it stays as the point of comparison. Compiled
 for Haswell and timed on one core of an AVX-512 Xeon (a proxy: no AVX2-only CPU was at hand), over
 480 x 384 @ 384 x 1536: 6 x 16 82 GFLOP/s, 4 x 24 82, 2 x 32 55-65, 8 x 16 37 (its 16 accumulators
-spill). R = 1 tiles finish rows left over. Every tile is tested against NumPy (tests/test_kernels.py,
-tests/test_kernels_avx2.py).
+spill). Rows left over go through 2 x 16 and 1 x 16 tiles on AVX2, 1 x 32 on AVX-512. Every tile is
+tested against NumPy (tests/test_kernels.py, tests/test_kernels_avx2.py).
 
 `rows_times_panels` runs the tiles over a block of rows and panels; the GEMM (matmul.py) and both
 products of attention (attention.py) are built on it.
@@ -63,11 +63,17 @@ def rows_times_panels(x, panels, out, i0, i1, p0, p1):
                     tile_8x32(xk, panels[p, k0:k1], out, i, p * PANEL, later)
                 else:
                     tile_6x16(xk, panels[p, k0:k1], out, i, p * PANEL, later)
-        for i in range(i_tiles, i1):
-            for p in range(p0, p1):
-                if AVX512:
+        if AVX512:
+            for i in range(i_tiles, i1):
+                for p in range(p0, p1):
                     tile_1x32(xk, panels[p, k0:k1], out, i, p * PANEL, later)
-                else:
+        else:  # up to 5 rows left: pairs first, as one row alone is 2 dependent FMA chains (latency-bound)
+            i_pairs = i_tiles + (i1 - i_tiles) // 2 * 2
+            for i in range(i_tiles, i_pairs, 2):
+                for p in range(p0, p1):
+                    tile_2x16(xk, panels[p, k0:k1], out, i, p * PANEL, later)
+            for i in range(i_pairs, i1):
+                for p in range(p0, p1):
                     tile_1x16(xk, panels[p, k0:k1], out, i, p * PANEL, later)
 
 
@@ -171,6 +177,22 @@ def tile_6x16(x, panel, out, i, j0, accumulate):
     _store_row8(out[i + 3], j0, c30, c31, accumulate)
     _store_row8(out[i + 4], j0, c40, c41, accumulate)
     _store_row8(out[i + 5], j0, c50, c51, accumulate)
+
+
+@njit(cache=True, inline="always")
+def tile_2x16(x, panel, out, i, j0, accumulate):
+    # x [M, K], panel [K, 16] -> out[i:i+2, j0:j0+16] (+= when accumulate); 8-lane vectors, for AVX2
+    x0, x1 = x[i], x[i + 1]
+    c00 = c01 = c10 = c11 = splat8(np.float32(0.0))
+    for k in range(panel.shape[0]):
+        b0 = load8(panel[k], 0)
+        b1 = load8(panel[k], 8)
+        a = splat8(x0[k])
+        c00, c01 = fma8(a, b0, c00), fma8(a, b1, c01)
+        a = splat8(x1[k])
+        c10, c11 = fma8(a, b0, c10), fma8(a, b1, c11)
+    _store_row8(out[i], j0, c00, c01, accumulate)
+    _store_row8(out[i + 1], j0, c10, c11, accumulate)
 
 
 @njit(cache=True, inline="always")
