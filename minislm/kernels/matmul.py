@@ -10,8 +10,9 @@ which have half the registers, each half as wide). Those 16 FMAs per 10 loads ke
 which the caches allow because the work is cut into parallel tasks of MB rows x GROUP panels: the
 group's panels (K x 128 floats) stay in L2 while row tiles stream past, and with K cut into chunks of
 1024 a tile's rows of x stay in L1 while it visits the group's panels. Bias and GELU are applied to each
-task's block right after it is computed, while it is still in cache. `linear_reference` is the plain
-NumPy definition every path is tested against.
+task's block right after it is computed, while it is still in cache. Small products (under SERIAL_MAX_FLOP,
+e.g. one short text's) skip the parallel split and run the same tiles on one thread. `linear_reference` is
+the plain NumPy definition every path is tested against.
 
 Backends: "numba" (the default) is this kernel. "blas" hands the product to numpy's BLAS (np.matmul) and
 applies bias and GELU in a Numba epilogue; "auto" uses BLAS for large products (M >= BLAS_MIN_ROWS) and the
@@ -32,7 +33,9 @@ from minislm.kernels.tiles import TILE_ROWS, rows_times_panels, whole_panels
 MB = 8 * TILE_ROWS   # rows of x per parallel task: whole tiles (64 with 8-row tiles, 48 with 6-row ones)
 GROUP = 128 // NR    # panels per parallel task (128 output columns)
 GROUP_MIN_ROWS = 256  # below this many rows a task takes one panel, so small products still split
-SERIAL_MAX_FLOP = 1_000_000  # products smaller than this run on one thread (_linear_kernel_serial)
+# Products (and attentions) under this many FLOPs run on one thread (_linear_kernel_serial); MINISLM_SERIAL_MAX_FLOP
+# sets it, e.g. higher on a machine whose cores are busy with other work.
+SERIAL_MAX_FLOP = int(float(os.environ.get("MINISLM_SERIAL_MAX_FLOP", 1e6)))
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
 BACKENDS = ("numba", "blas", "auto")
