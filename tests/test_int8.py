@@ -42,7 +42,7 @@ def test_quantize_weight_codes_scales_and_layout():
     np.testing.assert_array_equal(w8.panels[:, 9, 1::4], 0)      # k = 37 .. 39 are zero padding
 
 
-@pytest.mark.parametrize("K", [1, 3, 8, 385])
+@pytest.mark.parametrize("K", [1, 3, 8, 16, 40, 385])  # the row range: no 16-lane step, only those, both
 def test_quantize_rows_kernel_matches_reference_exactly(K):
     rng = np.random.default_rng(K)
     x = rand(rng, 6, K, scale=3.0)

@@ -97,6 +97,26 @@ def test_simd8_max_and_horizontal_max():
     assert row_max(row) == -3.0
 
 
+def test_simd16_min_and_horizontal_min():
+    from minislm.kernels.simd import hmin16, load16, min16
+
+    @njit
+    def row_min(row):
+        low = load16(row, 0)
+        for j in range(16, row.shape[0], 16):
+            low = min16(low, load16(row, j))
+        return hmin16(low)
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        row = rand(rng, 48)
+        assert row_min(row) == row.min()
+    row = np.full(32, np.inf, np.float32)
+    assert row_min(row) == np.inf
+    row[20] = 5.0
+    assert row_min(row) == 5.0
+
+
 @pytest.mark.parametrize("tile_rows", [6, 2, 1])
 def test_avx2_register_tiles_match_numpy(tile_rows):
     """tile_6x16, 2x16 and 1x16 (compiled on any CPU): out[i:i+R, j0:j0+16] = x[i:i+R] @ panel [K, 16]."""

@@ -33,6 +33,7 @@ from numba import njit, prange
 
 from minislm.kernels.activations import gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
+from minislm.kernels.simd import LANES, hmax16, hmin16, load16, max16, min16, splat16
 from minislm.kernels.simd_int8 import (bcast4x8, bcast4x16, dpbusd16, load_i32x8, load_i32x16, madd_u8s8_8,
                                        store_i32x8, store_i32x16, zeros_i32x8, zeros_i32x16)
 from minislm.numba_setup import has_feature
@@ -130,11 +131,7 @@ def _quantize_rows_kernel(x, xq, zero, scale):
     M, K = x.shape
     for i in prange(M):
         row, codes = x[i], xq[i]
-        lo = np.float32(0.0)
-        hi = np.float32(0.0)
-        for k in range(K):
-            lo = min(lo, row[k])
-            hi = max(hi, row[k])
+        lo, hi = _row_range(row)
         s = (hi - lo) / np.float32(ACT_MAX)
         if not s > 0:
             s = np.float32(1.0)
@@ -145,6 +142,20 @@ def _quantize_rows_kernel(x, xq, zero, scale):
             codes[k] = 0
         zero[i] = np.int32(z)
         scale[i] = s
+
+
+@njit(cache=True, inline="always")
+def _row_range(row):
+    # row [K] -> (min(0, min row), max(0, max row)), 16 lanes at a time: LLVM leaves min/max loops scalar
+    K16 = row.shape[0] // LANES * LANES
+    low = high = splat16(np.float32(0.0))
+    for k in range(0, K16, LANES):
+        v = load16(row, k)
+        low, high = min16(low, v), max16(high, v)
+    lo, hi = hmin16(low), hmax16(high)
+    for k in range(K16, row.shape[0]):
+        lo, hi = min(lo, row[k]), max(hi, row[k])
+    return lo, hi
 
 
 @njit(cache=True, inline="always")

@@ -11,6 +11,7 @@ whole k loop. With a vector type of our own the tile says it directly:
     fma16(a, b, c)               a * b + c lane by lane, one fused multiply-add instruction
     add16(a, b)                  a + b lane by lane
     max16(a, b), hmax16(a)       lane-by-lane maximum; the largest of a's 16 lanes (softmax's row max)
+    min16(a, b), hmin16(a)       the same for the minimum (int8 activations' row range)
 
 and the same eight names ending in 8 (float32x8, load8, ... hmax8) for 8 lanes: one AVX2 register, the
 unit of the AVX2 tile. (Max reductions are the one loop LLVM will not vectorise from Numba code: Numba's
@@ -150,6 +151,18 @@ def max16(typingctx, a, b):
 def hmax16(typingctx, a):
     """the largest of the 16 lanes of a float32x16, as a float32"""
     return types.float32(float32x16), _call("llvm.vector.reduce.fmax.v16f32", 1, _VECTOR, scalar_result=True)
+
+
+@intrinsic
+def min16(typingctx, a, b):
+    """lane-by-lane minimum of two float32x16 (a NaN lane yields the other operand)"""
+    return float32x16(float32x16, float32x16), _call("llvm.minnum.v16f32", 2, _VECTOR)
+
+
+@intrinsic
+def hmin16(typingctx, a):
+    """the smallest of the 16 lanes of a float32x16, as a float32"""
+    return types.float32(float32x16), _call("llvm.vector.reduce.fmin.v16f32", 1, _VECTOR, scalar_result=True)
 
 
 @intrinsic
