@@ -10,6 +10,9 @@
    Numba creates its code generator, i.e. before the first @njit function is defined in this process;
    if another library got there first, the kernels still run, with 256-bit vectors.
    MINISLM_PREFER_256=1 keeps LLVM's default.
+3. The kernels choose their register tiles and int8 instructions from the features Numba compiles for
+   (`vector_width_bits`, `has_feature`). AVX2_TARGET is the environment that makes a process compile for
+   a Haswell (AVX2 + FMA, no AVX-512), so the AVX2 kernels can be checked on an AVX-512 machine too.
 """
 import os
 
@@ -42,8 +45,26 @@ def prefer_512_bit_vectors():
 
 def vector_width_bits():
     """The vector width LLVM prefers for the kernels in this process: 512, or 256 (or less) otherwise."""
-    features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
-    flags = features.split(",")
+    flags = _compile_features()
     if "+avx512f" in flags and "-prefer-256-bit" in flags:
         return 512
     return 256 if "+avx2" in flags or "+avx" in flags else 128
+
+
+def has_feature(name):
+    """Whether the CPU Numba compiles for has feature `name` (LLVM's spelling, e.g. "avx512vnni")."""
+    return f"+{name}" in _compile_features()
+
+
+def _compile_features():
+    # the features Numba compiles for: NUMBA_CPU_FEATURES (or what prefer_512_bit_vectors set), else the host's
+    return (numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()).split(",")
+
+
+# Haswell's features as LLVM names them: the oldest CPU with AVX2 and FMA, the AVX2 kernels' target.
+AVX2_TARGET = {
+    "NUMBA_CPU_NAME": "haswell",
+    "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+crc32,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,"
+                          "+invpcid,+lzcnt,+mmx,+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,"
+                          "+sse4.2,+ssse3,+xsave,+xsaveopt",
+}

@@ -6,6 +6,9 @@ KERNEL_RTOL = 1e-5
 # Matmuls accumulate K products in float32: the error grows with K, so the bound is relative to |x||w|.
 MATMUL_RTOL = 1e-5
 MATMUL_ATOL = 2e-5
+# int8 linear (7-bit weights per channel, 8-bit activations per row) against float32 linear: relative
+# Frobenius error on Gaussian data of the encoder's shapes (measured 1.6-1.8%).
+INT8_REL_ERR = 0.025
 # A whole encoder (every layer's hidden state) against transformers, float32 on both sides.
 ENCODER_ATOL = 1e-4
 # Hand-written gradients against torch.autograd in float64.

@@ -1,12 +1,13 @@
 """Fused multi-head scaled-dot-product attention over a packed QKV projection.
 
 One parallel task per (batch row, head), and both products are GEMMs on the matmul's register tiles
-(tiles.py). A task copies its head into per-thread scratch (AttentionScratch, made once per forward by
-the encoder), zero-padded to whole 32-wide panels:
+(tiles.py: 8 x 32 on AVX-512, 6 x 16 on AVX2). A task copies its head into per-thread scratch
+(AttentionScratch, made once per forward by the encoder), zero-padded to whole panels of W = PANEL:
     q  [T, D']          the queries, already multiplied by 1/sqrt(D)
-    kt [T'/32, D', 32]  keys transposed into panels, so that s = q @ kt is the tiles' x @ panel
-    vp [D'/32, T', 32]  values cut into panels of 32 dims, so that o = p @ vp likewise
-(D' and T' are D and T rounded up to 32.) Then: the scores s [T, T'] = q K^T; per row, mask + bias added
+    kt [T'/W, D', W]    keys transposed into panels, so that s = q @ kt is the tiles' x @ panel
+    vp [D'/W, T', W]    values cut into panels of W dims, so that o = p @ vp likewise
+(D' and T' are D and T rounded up to W.) Small inputs (one short text) run the same steps on one thread
+(_attention_kernel_serial; see matmul.SERIAL_MAX_FLOP). Then: the scores s [T, T'] = q K^T; per row, mask + bias added
 and a max-subtracted exp (`exp32`; the row max with 16-lane SIMD max, simd.py), the row's 1/sum kept;
 o = p V; out = o * (1/sum). The [T, T] score block of one head is 64 KB at T = 128, so it stays in L2
 between the two products. Zero-padded keys get probability exactly 0.
@@ -22,6 +23,7 @@ from numba import njit, prange
 
 from minislm.kernels.activations import SOFTMAX_FASTMATH, SOFTMAX_FLOPS_PER_ELEM, exp32, softmax_reference
 from minislm.kernels.checks import check_array, output_array
+from minislm.kernels.matmul import SERIAL_MAX_FLOP
 from minislm.kernels.simd import LANES, hmax16, load16, max16
 from minislm.kernels.tiles import PANEL, rows_times_panels, whole_panels
 
@@ -143,7 +145,7 @@ class AttentionScratch:
     """Per-thread buffers of the attention kernel for one (T, head dim): allocated once per forward and
     reused by every layer, so nothing is allocated inside the layer loop.
 
-    q [n, T, D'], kt [n, T'/32, D', 32], vp [n, D'/32, T', 32], s [n, T, T'], o [n, T, D'], inv [n, T]
+    q [n, T, D'], kt [n, T'/W, D', W], vp [n, D'/W, T', W], s [n, T, T'], o [n, T, D'], inv [n, T]
     for n threads. Zeroed at creation: the kernel never writes the padding, so it stays zero.
     """
 
@@ -161,48 +163,61 @@ def _attention_kernel(qkv, mask_add, n_heads, pos_bias, out, q_scratch, kt_scrat
                       o_scratch, inv_scratch):
     # qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or empty -> out [B, T, H], with the per-thread
     # scratch of AttentionScratch (indexed by numba.get_thread_id())
-    B, T, H3 = qkv.shape
+    for task in prange(qkv.shape[0] * n_heads):
+        tid = numba.get_thread_id()
+        _attention_head(qkv, mask_add, n_heads, pos_bias, out, task // n_heads, task % n_heads, q_scratch[tid],
+                        kt_scratch[tid], vp_scratch[tid], s_scratch[tid], o_scratch[tid], inv_scratch[tid])
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH)  # serial on purpose: see SERIAL_MAX_FLOP
+def _attention_kernel_serial(qkv, mask_add, n_heads, pos_bias, out, q_scratch, kt_scratch, vp_scratch, s_scratch,
+                             o_scratch, inv_scratch):
+    # _attention_kernel on one thread (the scratch of thread 0), for small inputs
+    for task in range(qkv.shape[0] * n_heads):
+        _attention_head(qkv, mask_add, n_heads, pos_bias, out, task // n_heads, task % n_heads, q_scratch[0],
+                        kt_scratch[0], vp_scratch[0], s_scratch[0], o_scratch[0], inv_scratch[0])
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH, inline="always")  # inlined into both kernels' loops
+def _attention_head(qkv, mask_add, n_heads, pos_bias, out, b, h, q, kt, vp, s, o, inv):
+    # one (batch row b, head h): out[b, :, hD:hD+D] from qkv [B, T, 3H], with one thread's scratch
+    # q [T, D'], kt [T'/W, D', W], vp [D'/W, T', W], s [T, T'], o [T, D'], inv [T]
+    T, H3 = qkv.shape[1], qkv.shape[2]
     H = H3 // 3
     D = H // n_heads
-    Dp = q_scratch.shape[2]  # D' and T': whole panels
-    Tp = s_scratch.shape[2]
+    Dp = q.shape[1]  # D' and T': whole panels
+    Tp = s.shape[1]
     scale = np.float32(1.0 / math.sqrt(D))
     has_bias = pos_bias.shape[0] > 0
     no_bias = np.zeros((0, 0), dtype=np.float32)
-    for task in prange(B * n_heads):
-        b = task // n_heads
-        h = task % n_heads
-        tid = numba.get_thread_id()
-        q, kt, vp = q_scratch[tid], kt_scratch[tid], vp_scratch[tid]
-        s, o, inv = s_scratch[tid], o_scratch[tid], inv_scratch[tid]
-        q0 = h * D
-        k0 = H + h * D
-        v0 = 2 * H + h * D
-        tokens = qkv[b]
-        # (slices first, so every index starts at 0: LLVM then emits plain vector loads and stores)
-        for j in range(T):  # queries and values: contiguous row copies
-            q_src, q_row = tokens[j, q0:q0 + D], q[j]
-            for d in range(D):
-                q_row[d] = q_src[d] * scale
-            for p in range(Dp // PANEL):
-                width = min(PANEL, D - p * PANEL)
-                v_src, v_row = tokens[j, v0 + p * PANEL:v0 + p * PANEL + width], vp[p, j]
-                for dd in range(width):
-                    v_row[dd] = v_src[dd]
-        for p in range(Tp // PANEL):  # keys, transposed one panel of 32 keys at a time (an 8 KB block at D=64)
-            n_keys = min(PANEL, T - p * PANEL)
-            keys, kt_panel = tokens[p * PANEL:p * PANEL + n_keys, k0:k0 + D], kt[p]
-            for d in range(D):
-                dst = kt_panel[d]
-                for jj in range(n_keys):
-                    dst[jj] = keys[jj, d]
-        rows_times_panels(q, kt, s, 0, T, 0, Tp // PANEL)          # s [T, T'] = q K^T
-        _softmax_rows(s, mask_add[b], pos_bias[h] if has_bias else no_bias, T, inv)
-        rows_times_panels(s, vp, o, 0, T, 0, Dp // PANEL)          # o [T, D'] = p V
-        for i in range(T):
-            dst = out[b, i]
-            for d in range(D):
-                dst[q0 + d] = o[i, d] * inv[i]
+    q0 = h * D
+    k0 = H + h * D
+    v0 = 2 * H + h * D
+    tokens = qkv[b]
+    # (slices first, so every index starts at 0: LLVM then emits plain vector loads and stores)
+    for j in range(T):  # queries and values: contiguous row copies
+        q_src, q_row = tokens[j, q0:q0 + D], q[j]
+        for d in range(D):
+            q_row[d] = q_src[d] * scale
+        for p in range(Dp // PANEL):
+            width = min(PANEL, D - p * PANEL)
+            v_src, v_row = tokens[j, v0 + p * PANEL:v0 + p * PANEL + width], vp[p, j]
+            for dd in range(width):
+                v_row[dd] = v_src[dd]
+    for p in range(Tp // PANEL):  # keys, transposed one panel of W keys at a time (8 KB at W = 32, D = 64)
+        n_keys = min(PANEL, T - p * PANEL)
+        keys, kt_panel = tokens[p * PANEL:p * PANEL + n_keys, k0:k0 + D], kt[p]
+        for d in range(D):
+            dst = kt_panel[d]
+            for jj in range(n_keys):
+                dst[jj] = keys[jj, d]
+    rows_times_panels(q, kt, s, 0, T, 0, Tp // PANEL)          # s [T, T'] = q K^T
+    _softmax_rows(s, mask_add[b], pos_bias[h] if has_bias else no_bias, T, inv)
+    rows_times_panels(s, vp, o, 0, T, 0, Dp // PANEL)          # o [T, D'] = p V
+    for i in range(T):
+        dst = out[b, i]
+        for d in range(D):
+            dst[q0 + d] = o[i, d] * inv[i]
 
 
 def attention(qkv, mask_add, n_heads, pos_bias=None, out=None, scratch=None):
@@ -234,7 +249,9 @@ def attention(qkv, mask_add, n_heads, pos_bias=None, out=None, scratch=None):
                          f"{scratch.n_threads} threads; this call needs T={T}, head dim {head_dim}: "
                          f"make one with AttentionScratch({T}, {head_dim})")
     if T > 0:
-        _attention_kernel(qkv, mask_add, int(n_heads), pos_bias, out, *scratch.arrays)
+        small = attention_flops(B, T, n_heads, head_dim)["matmul"] < SERIAL_MAX_FLOP  # q k^T and p v
+        (_attention_kernel_serial if small else _attention_kernel)(qkv, mask_add, int(n_heads), pos_bias, out,
+                                                                   *scratch.arrays)
     return out
 
 

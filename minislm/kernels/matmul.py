@@ -1,16 +1,18 @@
 """Matmul with bias: y = x @ w.T + b, optionally followed by GELU (fused epilogue).
 
-The weight w [N, K] (torch's Linear layout) is packed once into panels of 32 output columns,
-panels [N/32, K, 32] (`pack_weight`), so that the GEMM's inner step reads 32 consecutive weights.
+The weight w [N, K] (torch's Linear layout) is packed once into panels of W = PANEL output columns,
+panels [N/W, K, W] (`pack_weight`), so that the GEMM's inner step reads W consecutive weights. W is 32
+on AVX-512 CPUs and 16 on AVX2 ones (tiles.py): a PackedWeight is made for the CPU it runs on.
 A register tile (tiles.py) computes an 8 x 32 block of the output: for each k it broadcasts
 x[i..i+7, k], loads the panel's 32 weights at k into two 16-wide registers, and does 16 fused
-multiply-adds into 16 accumulator registers (2 x 32 tiles on CPUs without AVX-512, which have half the
-registers). Those 16 FMAs per 10 loads keep the FMA units busy, which the caches allow because the work
-is cut into parallel tasks of MB rows x GROUP panels: the group's panels (K x 128 floats) stay in L2
-while row tiles stream past, and with K cut into chunks of 1024 a tile's 8 rows of x stay in L1 while
-it visits the group's panels. Bias and GELU are applied to each task's block right after it is
-computed, while it is still in cache. `linear_reference` is the plain NumPy definition every path is
-tested against.
+multiply-adds into 16 accumulator registers (6 x 16 tiles with 12 accumulators on CPUs without AVX-512,
+which have half the registers, each half as wide). Those 16 FMAs per 10 loads keep the FMA units busy,
+which the caches allow because the work is cut into parallel tasks of MB rows x GROUP panels: the
+group's panels (K x 128 floats) stay in L2 while row tiles stream past, and with K cut into chunks of
+1024 a tile's rows of x stay in L1 while it visits the group's panels. Bias and GELU are applied to each
+task's block right after it is computed, while it is still in cache. Small products (under SERIAL_MAX_FLOP,
+e.g. one short text's) skip the parallel split and run the same tiles on one thread. `linear_reference` is
+the plain NumPy definition every path is tested against.
 
 Backends: "numba" (the default) is this kernel. "blas" hands the product to numpy's BLAS (np.matmul) and
 applies bias and GELU in a Numba epilogue; "auto" uses BLAS for large products (M >= BLAS_MIN_ROWS) and the
@@ -26,11 +28,14 @@ from numba import njit, prange
 from minislm.kernels.activations import GELU_FLOPS_PER_ELEM, gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
 from minislm.kernels.tiles import PANEL as NR  # output columns per panel and per register tile
-from minislm.kernels.tiles import rows_times_panels, whole_panels
+from minislm.kernels.tiles import TILE_ROWS, rows_times_panels, whole_panels
 
-MB = 64             # rows of x per parallel task
-GROUP = 4           # panels per parallel task (128 output columns)
+MB = 8 * TILE_ROWS   # rows of x per parallel task: whole tiles (64 with 8-row tiles, 48 with 6-row ones)
+GROUP = 128 // NR    # panels per parallel task (128 output columns)
 GROUP_MIN_ROWS = 256  # below this many rows a task takes one panel, so small products still split
+# Products (and attentions) under this many FLOPs run on one thread (_linear_kernel_serial); MINISLM_SERIAL_MAX_FLOP
+# sets it, e.g. higher on a machine whose cores are busy with other work.
+SERIAL_MAX_FLOP = int(float(os.environ.get("MINISLM_SERIAL_MAX_FLOP", 1e6)))
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
 BACKENDS = ("numba", "blas", "auto")
@@ -58,10 +63,11 @@ def linear_reference(x, w, b=None, gelu=False):
 
 
 class PackedWeight:
-    """A Linear weight w [N, K] rearranged for the GEMM's register tiles: panels [ceil(N/32), K, 32].
+    """A Linear weight w [N, K] rearranged for the GEMM's register tiles: panels [ceil(N/W), K, W].
 
-    Panel p holds weight rows 32p .. 32p+31 side by side, so one step of k in a tile reads 32 consecutive
-    floats (two AVX-512 registers); rows past N are zero. Packed once when an encoder is loaded.
+    W = PANEL (32 on AVX-512, 16 on AVX2). Panel p holds weight rows W p .. W p + W-1 side by side, so one
+    step of k in a tile reads W consecutive floats (two registers); rows past N are zero. Packed once when
+    an encoder is loaded, for the CPU of this process.
     """
 
     def __init__(self, w):
@@ -96,10 +102,10 @@ def pack_weight(w):
 
 @njit(cache=True, fastmath=True, parallel=True)
 def _linear_kernel(x, panels, n, b, gelu, out):
-    # x [M, K] @ panels [P, K, 32] (n real columns) (+ b [n] when non-empty) -> out [M, n]
+    # x [M, K] @ panels [P, K, W] (n real columns) (+ b [n] when non-empty) -> out [M, n]
     M = x.shape[0]
     P = panels.shape[0]
-    full_panels = n // NR                      # panels whose 32 columns all exist
+    full_panels = n // NR                      # panels whose W columns all exist
     group = GROUP if M >= GROUP_MIN_ROWS else 1  # small M: one panel per task, so both cores get work
     n_groups = (full_panels + group - 1) // group
     n_row_blocks = (M + MB - 1) // MB
@@ -111,16 +117,40 @@ def _linear_kernel(x, panels, n, b, gelu, out):
         i1 = min(M, i0 + MB)
         rows_times_panels(x, panels, out, i0, i1, p0, p1)
         _epilogue(out, b, gelu, i0, i1, p0 * NR, p1 * NR)
-    if full_panels < P:  # the last n % 32 columns: a plain loop, only ever a few columns
+    if full_panels < P:  # the last n % W columns: a plain loop, only ever a few columns
         j0 = full_panels * NR
         last = panels[P - 1]
         for i in prange(M):
-            for j in range(n - j0):
-                acc = np.float32(0.0)
-                for k in range(x.shape[1]):
-                    acc += x[i, k] * last[k, j]
-                out[i, j0 + j] = acc
-            _epilogue(out, b, gelu, i, i + 1, j0, n)
+            _last_columns(x, last, j0, n, b, gelu, out, i)
+
+
+@njit(cache=True, fastmath=True)  # serial on purpose: see SERIAL_MAX_FLOP
+def _linear_kernel_serial(x, panels, n, b, gelu, out):
+    # _linear_kernel on one thread, for small products: x [M, K] @ panels [P, K, W] (+ b) -> out [M, n].
+    # Measured on a 2-core AVX-512 host: below ~0.5 MFLOP the parallel split costs more than it saves, and
+    # when another process holds a core, a parallel call waits for its descheduled thread (milliseconds).
+    # One panel at a time over all rows: the panel (K x W floats) is read once, the rows stay in cache.
+    M = x.shape[0]
+    full_panels = n // NR
+    for p in range(full_panels):
+        rows_times_panels(x, panels, out, 0, M, p, p + 1)
+        _epilogue(out, b, gelu, 0, M, p * NR, p * NR + NR)
+    if full_panels < panels.shape[0]:
+        j0 = full_panels * NR
+        last = panels[panels.shape[0] - 1]
+        for i in range(M):
+            _last_columns(x, last, j0, n, b, gelu, out, i)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _last_columns(x, last, j0, n, b, gelu, out, i):
+    # out[i, j0:n] from the last, partial panel last [K, W], then its epilogue
+    for j in range(n - j0):
+        acc = np.float32(0.0)
+        for k in range(x.shape[1]):
+            acc += x[i, k] * last[k, j]
+        out[i, j0 + j] = acc
+    _epilogue(out, b, gelu, i, i + 1, j0, n)
 
 
 @njit(cache=True, fastmath=True, inline="always")  # inlined into the prange body, where it vectorises
@@ -151,6 +181,7 @@ def linear(x, w, b=None, gelu=False, out=None, backend=None):
     w is the torch-layout weight [N, K] or, faster, the same weight packed once with `pack_weight`.
     All arrays float32 and C-contiguous; `out` [M, N] is written in place when given (it must not overlap
     x or w). backend: "numba", "blas" or "auto" (default: MINISLM_MATMUL, else "numba"; see the module doc).
+    On "numba", products under SERIAL_MAX_FLOP (2 M K N) run on one thread, larger ones on all of them.
     """
     check_array("linear", "x", x, ndim=2)
     if not isinstance(w, PackedWeight):
@@ -173,7 +204,8 @@ def linear(x, w, b=None, gelu=False, out=None, backend=None):
         if b.shape[0] > 0 or gelu:
             _bias_gelu_kernel(out, b, bool(gelu))
     elif M and N:
-        _linear_kernel(x, pack_weight(w).panels, N, b, bool(gelu), out)
+        kernel = _linear_kernel_serial if matmul_flops(M, K, N) < SERIAL_MAX_FLOP else _linear_kernel
+        kernel(x, pack_weight(w).panels, N, b, bool(gelu), out)
     return out
 
 
