@@ -435,11 +435,11 @@ def main(argv=None):
         print(json.dumps(rows))
         return 0
     removed = [v for v in os.environ.get("MINISLM_BENCH_REMOVED", "").split(",") if v]
-    from minislm.kernels.tiles import TILE_ROWS
+    from minislm.kernels.tiles import TILE
     from minislm.numba_setup import vector_width_bits
 
     result = {"command": "python -m minislm.bench " + " ".join(argv), "cpu": cpu_info(), "threads": threads,
-              "kernels": {"vector_bits": vector_width_bits(), "tile": f"{TILE_ROWS}x32"},
+              "kernels": {"vector_bits": vector_width_bits(), "tile": TILE},
               "blas_env_removed": removed, "references_missing": missing,
               "versions": {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
                            **{k: getattr(v, "__version__", "?") for k, v in refs.items() if v is not None}}}

@@ -112,11 +112,10 @@ def test_int8_reference_close_to_float_linear(M, K, N):
     assert rel < INT8_REL_ERR
 
 
+@pytest.mark.needs_avx2
 def test_vpmaddubsw_saturates_and_seven_bit_weights_do_not():
     """The AVX2 instruction itself: 255 x 127 + 255 x 127 = 64770 saturates to 32767 in int16; with the
     weights' 7-bit range, 255 x 63 + 255 x 63 = 32130 does not."""
-    if not has_feature("avx2"):
-        pytest.skip("no AVX2 on this CPU")
     from minislm.kernels.simd_int8 import bcast4x8, load_i32x8, madd_u8s8_8, store_i32x8, zeros_i32x8
 
     @njit
@@ -171,9 +170,8 @@ def test_linear_int8_rejects_bad_input_with_a_remedy():
         assert message in str(err.value)
 
 
+@pytest.mark.avx512_only
 def test_int8_avx2_path_compiled_for_haswell():
-    if int8.PATH != "vnni":
-        pytest.skip("this process compiles the AVX2 path already: the tests above run on it")
     run = run_compiled_for_haswell(["tests/test_int8.py", "-k", "not compiled_for_haswell"])
     assert run.returncode == 0, f"compiled for Haswell:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
     summary = run.stdout.strip().splitlines()[-1]

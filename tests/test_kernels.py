@@ -152,16 +152,17 @@ def test_each_register_tile_matches_numpy(tile_rows):
     def run(x, panel, out, i, j0, accumulate):
         tile(x, panel, out, i, j0, accumulate)
 
+    W = 32  # these tiles are 32 columns wide whatever PANEL this CPU's kernel uses (16 on AVX2 hosts)
     rng = np.random.default_rng(tile_rows)
-    x, panel = rand(rng, 11, 37), rand(rng, 37, NR)
-    out = np.full((11, 3 * NR), np.nan, dtype=np.float32)
-    block = (slice(2, 2 + tile_rows), slice(NR, 2 * NR))
-    run(x, panel, out, 2, NR, False)
+    x, panel = rand(rng, 11, 37), rand(rng, 37, W)
+    out = np.full((11, 3 * W), np.nan, dtype=np.float32)
+    block = (slice(2, 2 + tile_rows), slice(W, 2 * W))
+    run(x, panel, out, 2, W, False)
     np.testing.assert_allclose(out[block], x[2:2 + tile_rows] @ panel, rtol=1e-5, atol=1e-5)
     untouched = np.ones(out.shape, bool)
     untouched[block] = False
     assert np.isnan(out[untouched]).all(), "a tile wrote outside its block"
-    run(x, panel, out, 2, NR, True)  # a second chunk of K adds to the first
+    run(x, panel, out, 2, W, True)  # a second chunk of K adds to the first
     np.testing.assert_allclose(out[block], 2 * (x[2:2 + tile_rows] @ panel), rtol=1e-5, atol=1e-5)
 
 
