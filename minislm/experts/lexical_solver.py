@@ -10,8 +10,8 @@ indptr [B+1], cols [nnz], vals [nnz] (row i holds cols[indptr[i]:indptr[i+1]]). 
            S = X V + v;  R = P * (S - sum_c P S) / B;  HV = X^T R + lam V,  Hv = sum_i R_i
 
 The solver is truncated Newton (Nocedal and Wright 2006, Algorithm 7.1): each step solves H d = -g by
-conjugate gradients only to a relative accuracy min(0.5, sqrt(|g|)), then backtracks from a first step until
-the Armijo condition holds. Each CG step costs one pass of X and one of X^T, so a fit is a few hundred passes
+conjugate gradients only to a relative accuracy min(0.5, sqrt(|g|)), then
+backtracks from a first step until the Armijo condition holds. Each CG step costs one pass of X and one of X^T, so a fit is a few hundred passes
 over the data, not the thousands of a first-order method at weak penalties. The loss is convex and, with
 lam > 0, strictly convex in W, so the optimum is unique and warm starts along a penalty path are safe.
 """
@@ -55,6 +55,17 @@ def csr_matmul(indptr, cols, vals, w):
     return out
 
 
+def csr_transpose(indptr, cols, vals, n_features):
+    """CSR X [B, F] -> CSR X^T [F, B] (indptr [F+1], cols [nnz], vals [nnz]): entries regrouped by column, rows
+    kept in order within each column by a stable sort."""
+    _check_csr(indptr, cols, vals, n_features)
+    order = np.argsort(cols, kind="stable")
+    t_indptr = np.zeros(n_features + 1, dtype=np.int64)
+    t_indptr[1:] = np.cumsum(np.bincount(cols, minlength=n_features))
+    rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    return t_indptr, rows[order], vals[order]
+
+
 def csr_rmatmul_reference(indptr, cols, vals, g, n_features):
     """CSR X [B, F], g [B, C] -> X^T g [F, C] in plain NumPy."""
     B = len(indptr) - 1
@@ -64,28 +75,12 @@ def csr_rmatmul_reference(indptr, cols, vals, g, n_features):
     return out
 
 
-# Serial: rows scatter into shared output rows, so rows in parallel would race; one pass over the entries
-# with C contiguous adds each is memory-bound and takes milliseconds. fastmath off as above.
-@njit(cache=True, fastmath=False, parallel=False)
-def _csr_rmatmul_kernel(indptr, cols, vals, g, out):
-    # CSR [B, F], g [B, C] -> out [F, C] (zeroed by the caller)
-    C = out.shape[1]
-    for i in range(len(indptr) - 1):
-        for k in range(indptr[i], indptr[i + 1]):
-            v, j = vals[k], cols[k]
-            for c in range(C):
-                out[j, c] += v * g[i, c]
-
-
 def csr_rmatmul(indptr, cols, vals, g, n_features):
-    """CSR X [B, F], g [B, C] -> X^T g [F, C] (dtype of vals)."""
-    _check_csr(indptr, cols, vals, n_features)
+    """CSR X [B, F], g [B, C] -> X^T g [F, C] (dtype of vals): the row kernel on X^T. A scatter over X's rows
+    would race when run in parallel; X^T's rows each own one output row. A solver transposes once."""
     if g.shape[0] != len(indptr) - 1:
         raise ValueError(f"g has {g.shape[0]} rows, X has {len(indptr) - 1}")
-    g = np.ascontiguousarray(g, dtype=vals.dtype)
-    out = np.zeros((n_features, g.shape[1]), dtype=vals.dtype)
-    _csr_rmatmul_kernel(indptr, cols, vals, g, out)
-    return out
+    return csr_matmul(*csr_transpose(indptr, cols, vals, n_features), g)
 
 
 def _check_csr(indptr, cols, vals, n_features):
@@ -105,9 +100,10 @@ class Problem:
         indptr, cols, vals = X
         _check_csr(indptr, cols, vals, n_features)
         B = len(indptr) - 1
-        self.indptr = indptr + np.arange(B + 1)                       # one more entry per row: the bias
-        self.cols = np.insert(cols, indptr[1:], n_features)
-        self.vals = np.insert(vals.astype(np.float64), indptr[1:], 1.0)
+        ends = indptr[1:]                                               # one more entry per row: the bias
+        X = (indptr + np.arange(B + 1), np.insert(cols, ends, n_features), np.insert(vals.astype(np.float64), ends, 1.0))
+        self.X = X                                                      # [B, F+1]
+        self.XT = csr_transpose(*X, n_features + 1)                     # [F+1, B], for X^T g
         self.y = np.asarray(y, dtype=np.int64)
         self.C, self.F = n_classes, n_features + 1
         self.Y = np.eye(n_classes)[self.y]                              # [B, C]
@@ -115,15 +111,15 @@ class Problem:
         self.pen[-1] = 0.0
 
     def matmul(self, theta):
-        """theta [F+1, C] -> logits [B, C]."""
+        """theta [F+1, C] -> logits X theta [B, C]."""
         out = np.empty((len(self.y), self.C))
-        _csr_matmul_kernel(self.indptr, self.cols, self.vals, theta, out)
+        _csr_matmul_kernel(*self.X, theta, out)
         return out
 
     def rmatmul(self, g):
         """g [B, C] -> X^T g [F+1, C]."""
-        out = np.zeros((self.F, self.C))
-        _csr_rmatmul_kernel(self.indptr, self.cols, self.vals, np.ascontiguousarray(g), out)
+        out = np.empty((self.F, self.C))
+        _csr_matmul_kernel(*self.XT, np.ascontiguousarray(g), out)
         return out
 
     def loss(self, theta):
@@ -144,17 +140,18 @@ class Problem:
         R = P * (S - (P * S).sum(axis=1, keepdims=True)) / len(self.y)
         return self.rmatmul(R) + self.pen * v
 
-
-def newton_cg(prob, theta, max_newton=10, step0=1.0, tol=1e-5, max_cg=100):
+def newton_cg(prob, theta, max_newton=10, step0=1.0, tol=1e-2, max_cg=100):
     """Truncated Newton from theta [F+1, C] -> (theta, info): at most max_newton outer steps, stopping once
-    |g| <= tol * max(1, |g_0|); CG inner solves of at most max_cg steps; Armijo backtracking from step0."""
+    |g| <= tol |g(0)|, g(0) the gradient at theta = 0 (so a warm start is held to the bar of a cold one);
+    CG inner solves of at most max_cg steps; Armijo backtracking from step0."""
     theta = theta.copy()
-    g0, cg_steps, it = None, 0, 0
+    g_zero = prob.loss_grad(np.zeros_like(theta))[1]
+    bar = tol * float(np.sqrt(np.vdot(g_zero, g_zero)))
+    cg_steps, it = 0, 0
     for it in range(max_newton):
         f, g, P = prob.loss_grad(theta)
-        gnorm = float(np.sqrt((g * g).sum()))
-        g0 = gnorm if g0 is None else g0
-        if gnorm <= tol * max(1.0, g0):
+        gnorm = float(np.sqrt(np.vdot(g, g)))
+        if gnorm <= bar:
             break
         # CG on H d = -g: H is positive semi-definite, and its one flat direction (every bias + t) is
         # orthogonal to g, since the softmax's gradient sums to zero over classes
@@ -165,21 +162,21 @@ def newton_cg(prob, theta, max_newton=10, step0=1.0, tol=1e-5, max_cg=100):
         eta = min(0.5, np.sqrt(gnorm)) * gnorm
         for _ in range(max_cg):
             hp = prob.hvp(P, p)
-            php = float((p * hp).sum())
+            php = float(np.vdot(p, hp))
             cg_steps += 1
             if php <= 1e-30:
                 break
             alpha = rr / php
             d += alpha * p
             r -= alpha * hp
-            rr_new = float((r * r).sum())
+            rr_new = float(np.vdot(r, r))
             if np.sqrt(rr_new) <= eta:
                 break
             p *= rr_new / rr
             p += r
             rr = rr_new
         # Armijo backtracking: f(theta + t d) <= f(theta) + 1e-4 t g.d, halving t from step0
-        slope = float((g * d).sum())
+        slope = float(np.vdot(g, d))
         t = step0
         while t > 1e-10 and prob.loss(theta + t * d) > f + 1e-4 * t * slope:
             t *= 0.5
@@ -187,4 +184,4 @@ def newton_cg(prob, theta, max_newton=10, step0=1.0, tol=1e-5, max_cg=100):
     else:
         it = max_newton
     f, g, _ = prob.loss_grad(theta)
-    return theta, {"newton_steps": it, "cg_steps": cg_steps, "loss": f, "grad_norm": float(np.sqrt((g * g).sum()))}
+    return theta, {"newton_steps": it, "cg_steps": cg_steps, "loss": f, "grad_norm": float(np.sqrt(np.vdot(g, g)))}
