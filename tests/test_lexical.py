@@ -30,7 +30,8 @@ def toy_task(n=300, seed=0):
     texts, labels = [], []
     for i in range(n):
         y = i % 3
-        words = [f"w{10 * y + int(k)}" for k in rng.integers(0, 10, 4)] + [f"w{int(k)}" for k in rng.integers(40, 90, 3)]
+        words = [f"w{10 * y + int(k)}" for k in rng.integers(0, 10, 4)]    # the class's own words
+        words += [f"w{int(k)}" for k in rng.integers(40, 90, 3)]          # noise shared by every class
         rng.shuffle(words)
         texts.append(" ".join(words))
         labels.append(y)
@@ -112,7 +113,8 @@ def test_csr_kernels_match_references_and_dense(dtype):
     mm = solver.csr_matmul(indptr, cols, vals, w)
     rmm = solver.csr_rmatmul(indptr, cols, vals, g, 11)
     assert mm.dtype == dtype and rmm.dtype == dtype
-    np.testing.assert_allclose(mm, solver.csr_matmul_reference(indptr, cols, vals, w), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
+    np.testing.assert_allclose(mm, solver.csr_matmul_reference(indptr, cols, vals, w),
+                               atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
     np.testing.assert_allclose(mm, dense @ w, atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
     np.testing.assert_allclose(rmm, solver.csr_rmatmul_reference(indptr, cols, vals, g, 11),
                                atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
@@ -239,4 +241,5 @@ def test_bad_input(tok):
     with pytest.raises(ValueError, match="'idf' should be float32"):
         LexicalModel.from_state(dict(arrays, idf=arrays["idf"].astype(np.float64)), meta, tok)
     with pytest.raises(ValueError, match="earlier embedding-bag"):
-        LexicalModel.from_state({"table": np.zeros((4, 2), np.float32)}, dict(meta, config=dict(meta["config"], dim=2)), tok)
+        old_meta = dict(meta, config=dict(meta["config"], dim=2))
+        LexicalModel.from_state({"table": np.zeros((4, 2), np.float32)}, old_meta, tok)

@@ -148,8 +148,7 @@ def holdout_split(labels, fraction, seed):
     fit, val = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(fraction * len(idx))) if len(idx) >= 2 else 0
-        k = min(max(k, 1 if len(idx) >= 2 else 0), len(idx) - 1) if len(idx) >= 2 else 0
+        k = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1)   # a one-row class stays in the fit
         val.append(idx[:k])
         fit.append(idx[k:])
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
@@ -245,8 +244,7 @@ class LexicalModel:
                 if progress:
                     progress(f"lexical c={c:g}: hold-out accuracy {scores[c]:.4f} ({info['cg_steps']} CG steps)")
             chosen = max(grid, key=lambda c: (scores[c], -c))   # ties go to the stronger penalty
-            start = None                                # a cold refit: measured faster than from the hold-out fit
-        idf, w, b, info = solve(np.arange(len(labels)), chosen, start)
+        idf, w, b, info = solve(np.arange(len(labels)), chosen)    # cold: measured faster than from the hold-out fit
         self.params = {"idf": idf, "w": w.astype(np.float32), "b": b.astype(np.float32)}
         self.info = dict(info, c=chosen, holdout_accuracy=scores)
         if progress:

@@ -10,10 +10,11 @@ indptr [B+1], cols [nnz], vals [nnz] (row i holds cols[indptr[i]:indptr[i+1]]). 
            S = X V + v;  R = P * (S - sum_c P S) / B;  HV = X^T R + lam V,  Hv = sum_i R_i
 
 The solver is truncated Newton (Nocedal and Wright 2006, Algorithm 7.1): each step solves H d = -g by
-conjugate gradients only to a relative accuracy min(0.5, sqrt(|g|)), then
-backtracks from a first step until the Armijo condition holds. Each CG step costs one pass of X and one of X^T, so a fit is a few hundred passes
-over the data, not the thousands of a first-order method at weak penalties. The loss is convex and, with
-lam > 0, strictly convex in W, so the optimum is unique and warm starts along a penalty path are safe.
+conjugate gradients only to a relative accuracy min(0.5, sqrt(|g|)), then backtracks from a first step until
+the Armijo condition holds. It stops at |g| <= 0.01 |g(0)|: the relative-gradient test of Lin, Weng and
+Keerthi (2008) at LIBLINEAR's default tolerance. Each CG step costs one pass of X and one of X^T, so a fit is some dozens of passes over
+the data, not the thousands of a first-order method at weak penalties. The loss is convex and, with lam > 0,
+strictly convex in W, so the optimum is unique and warm starts along a penalty path are safe.
 """
 import numpy as np
 from numba import njit, prange
@@ -101,7 +102,8 @@ class Problem:
         _check_csr(indptr, cols, vals, n_features)
         B = len(indptr) - 1
         ends = indptr[1:]                                               # one more entry per row: the bias
-        X = (indptr + np.arange(B + 1), np.insert(cols, ends, n_features), np.insert(vals.astype(np.float64), ends, 1.0))
+        X = (indptr + np.arange(B + 1), np.insert(cols, ends, n_features),
+             np.insert(vals.astype(np.float64), ends, 1.0))
         self.X = X                                                      # [B, F+1]
         self.XT = csr_transpose(*X, n_features + 1)                     # [F+1, B], for X^T g
         self.y = np.asarray(y, dtype=np.int64)
