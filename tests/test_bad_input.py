@@ -94,7 +94,7 @@ def tiny(tmp_path_factory):
     make_tiny_folder(root / "bert", "bert")
     cfg = TeamConfig(dataset="toy", label_names=["red", "green", "blue"], experts=[LEXICAL, str(root / "bert")],
                      proj_dim=8, head_hidden=8, folds=2, router_top_k=0,
-                     lexical={"dim": 4, "n_buckets": 64, "epochs": 2, "lr": 1.0},
+                     lexical={"n_buckets": 64, "epochs": 2, "lr": 1.0},
                      train={"epochs": 2, "batch_size": 32, "patience": 2})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))

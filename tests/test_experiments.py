@@ -18,7 +18,7 @@ def seeds(tmp_path_factory):
     train, test = toy(150, 0), toy(60, 1)
     test.split = "test"
     small = dict(experts=["lexical", str(root / "bert"), str(root / "mpnet")], proj_dim=8, head_hidden=8, folds=2,
-                 lexical={"dim": 8, "n_buckets": 256, "epochs": 3, "lr": 1.0}, crossfit_below=0)
+                 lexical={"n_buckets": 256, "epochs": 3, "lr": 1.0}, crossfit_below=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
         out = [seed_run.run_seed("toy", train, test, s, quick=True, log=lambda m: None, search_trials=1 - s, **small)[0]

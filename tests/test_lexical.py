@@ -192,7 +192,7 @@ def test_newton_cg_reaches_the_torch_lbfgs_optimum():
 
 def test_training_separates_a_toy_task_and_round_trips(tok, tmp_path):
     texts, labels = toy_task()
-    m = LexicalModel.create(tok, 3, n_buckets=256, dim=8, **TINY)    # dim: accepted, unused
+    m = LexicalModel.create(tok, 3, n_buckets=256, **TINY)
     m.fit(texts[:240], labels[:240], epochs=10, lr=1.0)
     acc = (m.predict_proba(texts[240:]).argmax(1) == labels[240:]).mean()
     assert acc > 0.95

@@ -38,7 +38,7 @@ def team(tmp_path_factory):
         make_tiny_folder(root / fam, fam)
     cfg = TeamConfig(dataset="toy", label_names=["red", "green", "blue"],
                      experts=[LEXICAL, str(root / "bert"), str(root / "mpnet")], proj_dim=16, head_hidden=16,
-                     folds=2, lexical={"dim": 8, "n_buckets": 256, "epochs": 3, "lr": 1.0},
+                     folds=2, lexical={"n_buckets": 256, "epochs": 3, "lr": 1.0},
                      train={"epochs": 4, "batch_size": 32, "patience": 4})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
@@ -119,7 +119,7 @@ def test_checkpoint_round_trip_and_mismatches(team, tmp_path):
     meta["experts"][1]["weights_sha256"] = "f" * 64
     (tmp_path / "ckpt" / "team.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="train a new team for these weights"):
-        Team.load(tmp_path / "ckpt").predict_proba(texts)
+        Team.load(tmp_path / "ckpt").expert(team.cfg.experts[1])  # checked when the encoder is first needed
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(team, tmp_path, monkeypatch):
@@ -200,7 +200,7 @@ def test_train_from_lists(tmp_path, monkeypatch, team):
     ds = toy(60, 4)
     names = ["red", "green", "blue"]
     small = dict(experts=[LEXICAL, str(root / "bert")], proj_dim=8, head_hidden=8, folds=2, router_top_k=0,
-                 lexical={"dim": 4, "n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32})
+                 lexical={"n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32})
     t = train_team(ds.texts, [names[i] for i in ds.labels], label_names=names, log=lambda s: None, **small)
     assert t.cfg.label_names == names and len(t.predict(ds.texts[:3])) == 3
     with pytest.raises(ValueError, match="label 'purple' is not one of"):
@@ -219,7 +219,7 @@ def test_an_adapted_team_round_trips_through_its_checkpoint(team, tmp_path, monk
     bert = str(root / "bert")
     t = train_team(toy(90, 6).texts, [int(y) for y in toy(90, 6).labels], label_names=["red", "green", "blue"],
                    log=lambda s: None, experts=[LEXICAL, bert], proj_dim=8, head_hidden=8, folds=2, router_top_k=0,
-                   lexical={"dim": 4, "n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32},
+                   lexical={"n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32},
                    adapt={bert: {"method": "lora", "rank": 2, "epochs": 1, "batch_size": 16, "max_len": 16}})
     assert bert in t.deltas and t.metrics["adapt"][bert]["trainable_params"] > 0
     t.composition = Composition.every_tier_fused(2, [1.01])  # every row through the adapted encoder

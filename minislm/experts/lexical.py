@@ -171,9 +171,8 @@ class LexicalModel:
         self.info = {}                  # what the last fit did: chosen c, hold-out accuracies, solver steps
 
     @classmethod
-    def create(cls, tokenizer, n_classes, label_names=None, dim=None, **kw):
-        """A zero model over LexicalConfig(**kw). `dim` is accepted and unused: a linear model has no embedding
-        width, and its bag() is the C class scores."""
+    def create(cls, tokenizer, n_classes, label_names=None, **kw):
+        """A zero model over LexicalConfig(**kw); fit() trains it."""
         cfg = LexicalConfig(vocab_size=tokenizer.hf.get_vocab_size(), n_classes=n_classes, **kw)
         params = {"idf": np.zeros(cfg.n_buckets, dtype=np.float32),
                   "w": np.zeros((cfg.n_buckets, n_classes), dtype=np.float32),

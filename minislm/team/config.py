@@ -33,13 +33,11 @@ def _number(obj, name, lo, hi):
 
 @dataclass
 class LexicalSettings:
-    dim: int = 16                 # width of the bag's embedding table
-    n_buckets: int = 1 << 16      # hashed bigram buckets
-    epochs: int = 10              # passes of fastText-style SGD
-    lr: float = 1.0               # SGD's starting rate (decays linearly to 0)
+    n_buckets: int = 1 << 18      # hashed word / WordPiece n-gram buckets (the weights are [n_buckets, C])
+    epochs: int = 10              # at most this many Newton steps per fit (experts/lexical_solver.py)
+    lr: float = 1.0               # the line search's first step
 
     def __post_init__(self):
-        _whole(self, "dim", 1, 4096)
         _whole(self, "n_buckets", 1, 1 << 26)
         _whole(self, "epochs", 1, 1000)
         _number(self, "lr", 1e-6, 100.0)

@@ -120,8 +120,7 @@ def train_split(team, train, fit_idx, val_idx, raw, log=None, router=True):
 
     say(f"stage 1: lexical expert ({len(fit_idx)} fit rows, {len(val_idx)} validation rows)")
     tok, lx = team.tokenizer(), cfg.lexical
-    make = lambda: LexicalModel.create(tok, C, cfg.label_names, dim=lx.dim, n_buckets=lx.n_buckets,  # noqa: E731
-                                       seed=cfg.seed)
+    make = lambda: LexicalModel.create(tok, C, cfg.label_names, n_buckets=lx.n_buckets, seed=cfg.seed)  # noqa: E731
     team.lexical = make().fit(texts_fit, y_fit, epochs=lx.epochs, lr=lx.lr, seed=cfg.seed)
     p_val = team.lexical.predict_proba(texts_val)
     team.metrics["val_single"] = {LEXICAL: trainer.accuracy(p_val, y_val)}
