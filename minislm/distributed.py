@@ -15,7 +15,9 @@ BatchError naming the batch and its cause: no row is silently dropped and no par
     classify_ray("big.parquet", "answers.parquet", "weights/ag_news", id_column="id", workers=2)
     classify_ray(..., address="ray://head:10001")   # an existing cluster (minislm installed on its nodes)
 """
+import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -143,9 +145,16 @@ class EmbedPredictor:
 
 
 # ---- running a job ---------------------------------------------------------------------------------------
+READ_CPUS = 1   # Ray Data's file listing and reading tasks each hold one CPU slot while they run
+
+
 def connect(address=None, num_cpus=None):
-    """Join the cluster at `address`, or start a local Ray instance with num_cpus (default: this machine's
-    cores); an instance already running in this process is reused. -> the ray module."""
+    """Join the cluster at `address`, or start a local Ray instance for num_cpus cores of workers (default:
+    this machine's cores); an instance already running in this process is reused. -> the ray module.
+
+    A local instance gets READ_CPUS logical CPU beyond num_cpus: Ray Data schedules the input's listing and
+    reading as tasks needing a CPU slot, and with every slot held by a predictor actor they would never run
+    (the job would hang). They are I/O, so the extra slot does not oversubscribe the cores in practice."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
@@ -155,7 +164,7 @@ def connect(address=None, num_cpus=None):
     # local workers must import this very minislm (not another installed copy): put it first on their path
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, ignore_reinit_error=True,
+    ray.init(num_cpus=(num_cpus or os.cpu_count()) + READ_CPUS, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     return ray
 
@@ -172,10 +181,11 @@ def _find(exc, cls):
 
 
 def _first_line(exc):
+    """The worker's BatchError message out of Ray's text of the remote traceback, else its first line."""
     text = str(exc).strip()
-    for line in text.splitlines():
-        if "BatchError" in line:
-            return line.strip()
+    found = re.search(r"^\S*BatchError: (.+)$", text, flags=re.MULTILINE)
+    if found:
+        return found.group(1).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -193,6 +203,7 @@ def _check_input(input_parquet, columns):
     for c in columns:
         if c is not None and c not in names:
             raise DistributedError(f"{files[0]}: no column {c!r} (columns: {', '.join(names)}); name the right one")
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _write(ds, output):
@@ -236,12 +247,19 @@ def _run(input_parquet, output, predictor, kwargs, columns, address, workers, cp
          num_cpus):
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DistributedError(f"workers must be a whole number, at least 1, got {workers!r}")
-    _check_input(input_parquet, columns)
+    rows_in = _check_input(input_parquet, columns)
     ray = connect(address, num_cpus)
+    total = ray.cluster_resources().get("CPU", 0)
+    if workers * cpus_per_worker + READ_CPUS > total:
+        raise DistributedError(f"{workers} workers x {cpus_per_worker} CPUs leave none of the cluster's {total:g} "
+                               f"CPUs for reading the input (the job would wait forever); use at most "
+                               f"{max(1, int((total - READ_CPUS) // cpus_per_worker))} workers")
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # answers in input order
     t0 = time.perf_counter()
     try:
-        ds = ray.data.read_parquet(str(input_parquet), columns=list(dict.fromkeys(c for c in columns if c)))
+        blocks = max(4 * workers, math.ceil(rows_in / 8192))  # enough blocks that every worker gets some
+        ds = ray.data.read_parquet(str(input_parquet), override_num_blocks=min(rows_in, blocks) or None)
+        ds = ds.select_columns(list(dict.fromkeys(c for c in columns if c)))
         out = ds.map_batches(predictor, fn_constructor_kwargs=kwargs, batch_format="pyarrow",
                              batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker)
         rows = _write(out, output)
