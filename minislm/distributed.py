@@ -90,6 +90,8 @@ class TeamPredictor:
         self.threads = set_threads(assigned_cpus())
         self.team = Team.load(model)
         check_id_column(id_column, self.team.cfg.label_names)
+        # pay the start-up here, once: load every encoder and Numba's kernels by one text through every tier
+        self.team.predict_proba(["start"], thresholds=[1.01] * (len(self.team.cfg.experts) - 1))
         self.text_column, self.id_column = text_column, id_column
         self.max_tier, self.max_flops = max_tier, max_flops
         self.start_seconds = time.perf_counter() - t0
@@ -298,8 +300,9 @@ def extract_ray(input_parquet, output, expert, text_column="text", id_column=Non
 
 
 def actor_start_seconds(model, address=None, num_cpus=None):
-    """Seconds one fresh actor takes to be ready (a Ray worker process started, the team loaded, Numba's
-    kernels loaded from the cache), measured from the driver."""
+    """Seconds one fresh actor takes to be ready, measured from the driver (total_seconds: a Ray worker process
+    started and the constructor run) and inside it (team_load_seconds: the team and every encoder loaded, one
+    text through every tier so Numba's kernels are loaded from the cache)."""
     ray = connect(address, num_cpus)
 
     @ray.remote(num_cpus=1)

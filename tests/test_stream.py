@@ -202,6 +202,20 @@ def test_an_interruption_inside_a_chunk_leaves_only_whole_parts(saved_team, tmp_
     assert pq.read_table(out).equals(pq.read_table(tmp_path / "whole.parquet"))
 
 
+def test_a_stop_after_the_last_part_only_concatenates(saved_team, tmp_path):
+    team, folder = saved_team
+    texts, ids = corpus()
+    inp = write_input(tmp_path / "in.jsonl", texts, ids)
+    settings = stream.StreamSettings(id_column="doc_id", chunk_size=CHUNK)
+    out = tmp_path / "out.csv"
+    with pytest.raises(Interrupt):
+        stream.classify_file(team, folder, inp, out, settings, on_chunk=interrupt_at(4))  # the last chunk
+    seen = []
+    assert stream.classify_file(team, folder, inp, out, settings, on_chunk=lambda k, r: seen.append(k))["rows"] == N
+    assert seen == []
+    assert_matches_team(read_output(out), team, texts, ids)
+
+
 def test_a_changed_input_or_changed_settings_is_refused(saved_team, tmp_path):
     team, folder = saved_team
     texts, ids = corpus()
