@@ -169,7 +169,42 @@ def parser():
     ap.add_argument("--tier", type=int, help="run at most this tier (0 = lexical only)")
     ap.add_argument("--max-flops", type=float, help="FLOP budget per text")
     ap.add_argument("--batch-size", type=int, default=64, help="texts classified (and printed) together")
+    big = ap.add_argument_group("corpus scale (with --file; minislm.stream, minislm.distributed)")
+    big.add_argument("--out", help="write the answers to this .parquet / .csv / .jsonl file in chunks, resumable")
+    big.add_argument("--id-column", help="a column of the input carried into every output row")
+    big.add_argument("--chunk-size", type=int, default=1000, help="rows per part file of --out")
+    big.add_argument("--restart", action="store_true", help="start --out over instead of resuming it")
+    big.add_argument("--quiet", action="store_true", help="no progress bar")
+    big.add_argument("--ray", action="store_true", help="classify a Parquet file with Ray Data (the distributed extra)")
+    big.add_argument("--workers", type=int, default=1, help="Ray actors, one team each")
+    big.add_argument("--ray-address", help="a Ray cluster to connect to (default: a local instance)")
     return ap
+
+
+def run_corpus(args):
+    """--out: stream a file through the team in resumable chunks (one process, or Ray actors with --ray)."""
+    if not args.file:
+        raise InputError("--out needs --file (a CSV, Parquet or JSONL file to classify)")
+    if args.chunk_size < 1 or args.workers < 1:
+        raise InputError("--chunk-size and --workers must be at least 1")
+    if args.ray:
+        from minislm import distributed
+
+        summary = distributed.classify_ray(args.file, args.out, args.model, args.column, args.id_column,
+                                           address=args.ray_address, workers=args.workers, max_tier=args.tier,
+                                           max_flops=args.max_flops)
+    else:
+        from minislm import stream
+
+        team = load_team(args.model)
+        check_numbers(args, team)
+        summary = stream.run_stream(args.file, args.out, args.model, text_column=args.column,
+                                    id_column=args.id_column, chunk_size=args.chunk_size, max_tier=args.tier,
+                                    max_flops=args.max_flops, restart=args.restart, progress=not args.quiet,
+                                    team=team)
+    rows = summary.get("rows") if isinstance(summary, dict) else None
+    print(f"wrote {args.out}" + (f" ({rows} rows)" if rows is not None else ""), file=sys.stderr)
+    return 0
 
 
 def main(argv=None):
@@ -179,6 +214,10 @@ def main(argv=None):
         return 2 if e.code else 0
     answered = 0
     try:
+        if args.out or args.ray:
+            if not args.out:
+                raise InputError("--ray needs --out (the Parquet file or folder to write)")
+            return run_corpus(args)
         team = load_team(args.model)
         check_numbers(args, team)
         held, any_text, seen = [], False, 0  # skipped rows wait until a real text shows the input is usable

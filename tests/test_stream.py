@@ -10,6 +10,7 @@ import pytest
 
 from minislm import stream
 from minislm.data import TextDataset
+from minislm.team.composition import Composition
 from minislm.team import Team, TeamConfig
 from minislm.team.team import LEXICAL
 from minislm.team.training import fit
@@ -45,7 +46,7 @@ def saved_team(tmp_path_factory):
         make_tiny_folder(root / fam, fam)
     cfg = TeamConfig(dataset="toy", label_names=["red", "green", "blue"],
                      experts=[LEXICAL, str(root / "bert"), str(root / "mpnet")], proj_dim=16, head_hidden=16,
-                     folds=2, lexical={"dim": 8, "n_buckets": 256, "epochs": 3, "lr": 1.0},
+                     folds=2, lexical={"n_buckets": 256, "epochs": 3, "lr": 1.0},
                      train={"epochs": 4, "batch_size": 32, "patience": 4})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
@@ -53,8 +54,9 @@ def saved_team(tmp_path_factory):
     # thresholds at the confidences' medians: every tier answers some rows, so the stream crosses all three
     texts = toy(N, 1).texts
     lexical_conf = team.lexical.predict_proba(texts).max(1)
-    probs, info = team.predict_proba(texts, thresholds=[float(np.median(lexical_conf)), 1.01])
-    team.thresholds = [float(np.median(lexical_conf)), float(np.median(probs[info["exit_tier"] == 2].max(1)))]
+    team.composition = Composition.every_tier_fused(3, [float(np.median(lexical_conf)), 1.01])
+    probs, info = team.predict_proba(texts)
+    team.composition.thresholds = [float(np.median(lexical_conf)), float(np.median(probs[info["exit_tier"] == 2].max(1)))]
     team.save(root / "ckpt")
     return Team.load(root / "ckpt"), root / "ckpt"
 

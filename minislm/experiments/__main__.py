@@ -21,40 +21,43 @@ REPO = Path(__file__).resolve().parent.parent.parent
 PROTOCOLS = ("ag_news", "imdb", "dbpedia_14", "ag_news-1k", "imdb-1k")
 
 
-def seed_file(protocol, seed, quick):
-    return REPO / "cache" / "experiments" / f"{protocol}{'-quick' if quick else ''}" / f"seed-{seed}.json"
+def seed_file(protocol, seed, quick, experts=None):
+    tag = "" if not experts else "-" + "-".join(Path(e).name for e in experts)
+    return REPO / "cache" / "experiments" / f"{protocol}{'-quick' if quick else ''}{tag}" / f"seed-{seed}.json"
 
 
 def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=False, save_model=None,
-                 search_trials=6, log=print):
+                 search_trials=6, experts=None, log=print):
     t0 = time.time()
     train, test = data.protocol_splits(protocol, data_dir)
     results = []
     for i, seed in enumerate(seeds):
-        f = seed_file(protocol, seed, quick)
+        f = seed_file(protocol, seed, quick, experts)
         if f.exists() and not fresh and not (save_model and i == 0):
             log(f"{protocol} seed {seed}: done before ({f})")
             results.append(json.loads(f.read_text(encoding="utf-8")))
             continue
         log(f"{protocol} seed {seed}")
         res, team = seed_run.run_seed(protocol, train, test, seed, quick=quick, log=log,
-                                      search_trials=search_trials if i == 0 and not quick else 0)
+                                      search_trials=search_trials if i == 0 and not quick else 0,
+                                      **({"experts": list(experts)} if experts else {}))
         if save_model and i == 0:
             team.save(save_model, command=f"python -m minislm.experiments {protocol} --save-model {save_model}")
             log(f"saved {save_model}")
         write_json(f, res)
         results.append(res)
-        write_results(protocol, train, test, results, out_dir, quick, t0)  # partial results land too
-    return write_results(protocol, train, test, results, out_dir, quick, t0)
+        write_results(protocol, train, test, results, out_dir, quick, t0, experts)  # partial results land too
+    return write_results(protocol, train, test, results, out_dir, quick, t0, experts)
 
 
-def write_results(protocol, train, test, results, out_dir, quick, t0):
+def write_results(protocol, train, test, results, out_dir, quick, t0, experts=None):
     """Aggregate the seeds done so far into notebooks/results/<protocol>.{json,md,png}."""
     rows, preds = aggregate.combine(results)
     y = np.asarray(test.labels)
     result = {
         "protocol": dict(train.protocol), "seeds": [r["seed"] for r in results],
-        "command": f"python -m minislm.experiments {protocol}" + (" --quick" if quick else ""),
+        "command": f"python -m minislm.experiments {protocol}" + (" --quick" if quick else "")
+                   + (f" --experts {' '.join(experts)}" if experts else ""),
         "seeds_planned_note": "seeds listed are those finished; a run resumes at the next one",
         "rows": rows, "selected": aggregate.select(rows, preds, y), "ablations": aggregate.ablations(rows, preds, y),
         "composition_by_seed": [r["composition"] for r in results], "search": results[0].get("search", []),
@@ -78,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="ignore finished seeds and start over")
     ap.add_argument("--search-trials", type=int, default=6, help="random-search trials on the first seed (0 = none)")
     ap.add_argument("--save-model", help="also save the first seed's team (a checkpoint folder) here")
+    ap.add_argument("--experts", nargs="+", help="the team's tiers (default: lexical and the three encoders)")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
@@ -88,7 +92,7 @@ def main(argv=None):
     t0 = time.time()
     for p in protocols:
         result = run_protocol(p, args.seeds, Path(args.out_dir), args.data_dir, args.quick, args.fresh,
-                              args.save_model if len(protocols) == 1 else None, args.search_trials)
+                              args.save_model if len(protocols) == 1 else None, args.search_trials, args.experts)
         sel = result["selected"]
         print(f"{p}: best single {sel['best_single']}, best team {sel['best_team']} "
               f"({sel['difference_points']:+.2f} points, McNemar p = {sel['mcnemar_p']:.3g})")
