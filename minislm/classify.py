@@ -8,13 +8,14 @@ Answers stream: texts are read and classified --batch-size at a time and each ba
 in input order, as soon as it is done, so Ctrl-C or a closed pipe (`| head`) keeps every answer printed.
 Exit codes: 0 ok, 2 usage or input errors, 1 other failures, 130 interrupted.
 """
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+
+from minislm.cli import Parser
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ag_news"
 MAX_TEXT_CHARS = 100_000   # longer texts are cut here (the encoders read at most max_len tokens anyway)
@@ -23,13 +24,6 @@ TABULAR = (".csv", ".parquet", ".jsonl", ".json")
 
 class InputError(Exception):
     """Bad input from the user: reported in one line with exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def _check_text_file(path):

@@ -12,7 +12,6 @@ Nothing is lost: every setting and the destination are checked before any work (
 a minislm checkpoint, and writable), and the checkpoint is swapped in only when complete.
 Exit codes: 0 ok, 2 bad input (one line on stderr), 1 an unexpected failure, 130 interrupted.
 """
-import argparse
 import dataclasses
 import os
 import sys
@@ -21,6 +20,7 @@ import time
 import numpy as np
 
 from minislm import data
+from minislm.cli import Parser
 from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
 from minislm.experts import registry
@@ -29,13 +29,6 @@ from minislm.team.adaptation import AdaptSettings
 from minislm.team.config import GATES, TeamConfig
 from minislm.team.team import Team
 from minislm.team.training import fit
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def _default(cls, name):

