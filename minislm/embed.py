@@ -1,5 +1,8 @@
 """`python -m minislm.embed "text" ...`: sentence embeddings from each pretrained expert, and how alike they are.
 
+With --file docs.parquet --out emb.parquet --experts NAME the embedding of every row is written by Ray Data
+actors (`minislm.distributed.extract_ray`; --ray-address for a cluster).
+
 Prints, per expert, the cosine similarity of every pair of texts (masked-mean embeddings of the last layer)
 and the time the encoder took. `--json` prints the vectors instead.
 """
@@ -23,6 +26,24 @@ def cosine_matrix(v):
     return u @ u.T
 
 
+def embed_corpus(args):
+    """--file + --out: the masked-mean embedding of every row, by Ray actors (minislm.distributed)."""
+    if not (args.file and args.out) or len(args.experts) != 1:
+        print("error: --file and --out go together, with one --experts name; e.g. --file docs.parquet --out "
+              "emb.parquet --experts all-MiniLM-L6-v2", file=sys.stderr)
+        return 2
+    from minislm import distributed
+
+    try:
+        distributed.extract_ray(args.file, args.out, args.experts[0], text_column=args.column,
+                                id_column=args.id_column, address=args.ray_address, workers=args.workers)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     from minislm.experts import load_expert, registry
 
@@ -31,7 +52,16 @@ def main(argv=None):
     ap.add_argument("--experts", nargs="+", default=list(registry.EXPERTS),
                     help="expert names or model folders (default: the three pretrained experts)")
     ap.add_argument("--json", action="store_true", help="print the vectors as JSON")
+    big = ap.add_argument_group("corpus scale: a Parquet column's embeddings on Ray Data actors (distributed extra)")
+    big.add_argument("--file", help="a Parquet file whose --column is embedded (with --out)")
+    big.add_argument("--column", default="text")
+    big.add_argument("--id-column", help="a column carried into every output row")
+    big.add_argument("--out", help="the Parquet file of embeddings to write")
+    big.add_argument("--workers", type=int, default=1, help="Ray actors, one expert each")
+    big.add_argument("--ray-address", help="a Ray cluster to connect to (default: a local instance)")
     args = ap.parse_args(argv)
+    if args.file or args.out:
+        return embed_corpus(args)
     texts = args.texts or DEFAULT_TEXTS
     out = {}
     for name in args.experts:

@@ -88,6 +88,22 @@ def test_ray_embeddings_equal_the_experts_own(ray_local, saved_team, tmp_path):
     np.testing.assert_allclose(vectors, load_expert(bert).embed([texts[i] for i in keep]), atol=EMBED_ATOL)
 
 
+def test_the_embed_and_classify_commands_take_the_ray_path(ray_local, saved_team, tmp_path, capsys):
+    from minislm import classify, embed
+
+    team, folder = saved_team
+    texts, ids = corpus(40, seed=6)
+    inp = write_input(tmp_path / "in.parquet", texts, ids)
+    assert embed.main(["--file", str(inp), "--out", str(tmp_path / "e.parquet"), "--experts", team.cfg.encoders[0],
+                       "--id-column", "doc_id"]) == 0
+    assert pq.read_table(tmp_path / "e.parquet").column("doc_id").to_pylist() == ids
+    assert classify.main(["--file", str(inp), "--out", str(tmp_path / "c.parquet"), "--ray", "--model", str(folder),
+                          "--id-column", "doc_id"]) == 0
+    got = pq.read_table(tmp_path / "c.parquet")
+    assert got.column("doc_id").to_pylist() == ids
+    assert got.column("label").to_pylist() == team.predict(texts)
+
+
 def test_bad_arguments_are_clear(ray_local, saved_team, tmp_path):
     _, folder = saved_team
     csv_file = tmp_path / "in.csv"
