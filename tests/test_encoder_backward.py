@@ -15,7 +15,7 @@ from minislm.encoder.model import Encoder
 from minislm.encoder.pooling import pool_layers_backward
 from tests.model_folders import make_tiny_folder
 from tests.test_encoder import padded_ids
-from tests.tolerances import ENCODER_GRAD_ATOL, ENCODER_GRAD_RTOL
+from tests.tolerances import BACKWARD_KERNEL_ATOL, BACKWARD_KERNEL_RTOL, ENCODER_GRAD_ATOL, ENCODER_GRAD_RTOL
 
 
 @pytest.fixture(scope="module", params=("bert", "mpnet"))
@@ -95,8 +95,11 @@ def test_top_layers_alone_keep_one_layer_and_give_the_same_gradients(tiny):
     got = ours(enc, ids, mask, W, R, names, keep={top})
     full = ours(enc, ids, mask, W, R, expected_shapes(cfg))
     assert set(got) == set(names)
+    # Layers that are not kept run GELU fused into their matmul's epilogue, which may round the last bit
+    # differently from the kept layers' separate GELU: the top layer then sees inputs equal to ~1 ulp.
     for name in names:
-        np.testing.assert_array_equal(got[name], full[name])
+        np.testing.assert_allclose(got[name], full[name], rtol=BACKWARD_KERNEL_RTOL, atol=BACKWARD_KERNEL_ATOL,
+                                   err_msg=name)
     with pytest.raises(ValueError, match="not kept"):
         encoder_backward(enc, ids, mask, caches, {cfg.n_layers: R.astype(np.float32)}, names[:1] + [
             "embeddings.LayerNorm.weight"])
