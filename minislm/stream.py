@@ -27,7 +27,6 @@ Output columns, one row per input row, in input order:
 import csv
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -383,7 +382,6 @@ def _csv_cell(v):
 def concatenate(work, n_parts, out):
     """part-000000 .. part-<n-1> -> one file `out` (.parquet / .csv / .jsonl by its extension), written
     atomically, one part in memory at a time."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     ext = file_format(out, "output")

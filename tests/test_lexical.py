@@ -7,7 +7,7 @@ import torch
 
 from minislm.experts import lexical
 from minislm.experts import lexical_solver as solver
-from minislm.experts.lexical import LexicalConfig, LexicalModel
+from minislm.experts.lexical import LexicalModel
 from minislm.encoder.tokenizer import Tokenizer
 from tests.gradcheck import numeric_grad
 from tests.model_folders import tiny_tokenizer

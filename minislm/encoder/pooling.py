@@ -50,7 +50,7 @@ def pool_layers_backward(d_pooled, mask, layers=None):
     """d_pooled [B, L+1, 2H] (the gradient of pool_layers' output), mask [B, T] -> {l: dh_l [B, T, H]} for
     every layer l in `layers` (default all): the mean half's backward plus the CLS half's."""
     B, n_layers, H2 = d_pooled.shape
-    H, T = H2 // 2, mask.shape[1]
+    H = H2 // 2
     out = {}
     for layer in range(n_layers) if layers is None else layers:
         dh = pool_mean_backward(d_pooled[:, layer, :H], mask)
