@@ -41,6 +41,15 @@ def test_served_setting_is_never_worse_than_the_best_member():
     assert comp.answers[comp.active[-1]].name in ("single:big", "stack")
 
 
+def test_every_tier_reads_its_own_encoder():
+    ev = evidence([0.93, 0.6, 0.7], {1: 0.6, 2: 0.7})      # the lexical member beats both encoders
+    comp, rec = compose(ev, tolerance=0.0)
+    for k in comp.active[1:]:
+        a = comp.answers[k]
+        assert a.kind == "fused" or EXPERTS[k] in a.experts, (k, a)
+    assert rec["accuracy"] >= max(accuracy(p, ev.y) for p in ev.members.values())
+
+
 def test_a_tier_that_never_helps_is_skipped():
     ev = evidence([0.6, 0.34, 0.9], {1: 0.5, 2: 0.88})     # 'small' is no better than chance
     comp, rec = compose(ev, tolerance=0.002)

@@ -107,10 +107,14 @@ class Evidence:
         return self._stacks[key]
 
     def candidates(self, k, available):
-        """-> list of (Answer, probs [N, C], head FLOPs) a tier k can serve with experts `available`."""
+        """-> list of (Answer, probs [N, C], head FLOPs) a tier k can serve with experts `available`. A tier
+        k >= 1 serves only answers that read its own encoder: one that ignored it would pay for running it for
+        nothing (the setting without that tier says the same, cheaper)."""
         C = next(iter(self.members.values())).shape[1]
         out = []
         for e in available:
+            if k > 0 and e != self.experts[k]:
+                continue
             out.append((Answer("single", [e]), self.members[e], 0.0 if e == LEXICAL else self.head_flops[f"single:{e}"]))
         if len(available) >= 2:
             enc_heads = sum(self.head_flops[f"single:{e}"] for e in available if e != LEXICAL)
