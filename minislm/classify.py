@@ -8,9 +8,11 @@ Answers stream: texts are read and classified --batch-size at a time and each ba
 in input order, as soon as it is done, so Ctrl-C or a closed pipe (`| head`) keeps every answer printed.
 Exit codes: 0 ok, 2 usage or input errors, 1 other failures, 130 interrupted.
 """
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -220,9 +222,11 @@ def main(argv=None):
             any_text = any_text or any(t is not None for t, _ in batch)
             held += answer_batch(team, batch, args)
             if any_text:
-                emit("".join((json.dumps(out, ensure_ascii=False) if args.json else human(out, args.explain))
-                             + "\n" for out in held))
-                answered += len(held)
+                text = "".join((json.dumps(out, ensure_ascii=False) if args.json else human(out, args.explain))
+                               + "\n" for out in held)
+                with sigint_deferred():  # Ctrl-C lands before or after a batch, so the count is exact
+                    emit(text)
+                    answered += len(held)
                 held = []
         if not seen:
             raise InputError("the input is empty; give at least one text")
@@ -247,6 +251,16 @@ def main(argv=None):
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold SIGINT back while the block runs; a Ctrl-C meanwhile is delivered (as KeyboardInterrupt) at its end."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def emit(text):
