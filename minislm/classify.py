@@ -209,6 +209,7 @@ def main(argv=None):
     except SystemExit as e:
         return 2 if e.code else 0
     answered = 0
+    previous = signal.signal(signal.SIGINT, _Interrupt.handler) if _main_thread() else None
     try:
         if args.out or args.ray:
             if not args.out:
@@ -250,17 +251,44 @@ def main(argv=None):
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def _main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Interrupt:
+    """Ctrl-C while a batch is being written and counted waits for the end of it (Python runs signal handlers
+    in the main thread, whichever thread the signal reached, so a flag is enough; masking the signal is not:
+    the kernel would hand it to one of Numba's threads)."""
+    writing = False
+    pending = False
+
+    @staticmethod
+    def handler(signum, frame):
+        if _Interrupt.writing:
+            _Interrupt.pending = True
+        else:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def sigint_deferred():
-    """Hold SIGINT back while the block runs; a Ctrl-C meanwhile is delivered (as KeyboardInterrupt) at its end."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    """Run the block whole: a Ctrl-C meanwhile raises KeyboardInterrupt at its end."""
+    _Interrupt.writing = True
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _Interrupt.writing = False
+    if _Interrupt.pending:
+        _Interrupt.pending = False
+        raise KeyboardInterrupt
 
 
 def emit(text):

@@ -297,8 +297,10 @@ def _classify_cmd(tiny, *argv):
 
 def test_ctrl_c_keeps_every_answer_printed(tiny, tmp_path):
     f = _long_input(tmp_path)
+    # bufsize=0: readline must not read ahead, since communicate() below reads the pipe's descriptor directly
+    # and would never see lines left in a buffer
     p = subprocess.Popen(_classify_cmd(tiny, "--json", "--batch-size", "1", "--file", f), cwd=REPO, env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     first = p.stdout.readline()
     p.send_signal(signal.SIGINT)
     rest, err = p.communicate(timeout=60)
