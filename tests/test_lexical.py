@@ -74,7 +74,7 @@ def test_bags_count_every_ngram_of_the_whole_text(tok):
 
 
 def test_tfidf_rows_match_scikit_learn(tok):
-    sk = pytest.importorskip("sklearn.feature_extraction.text")
+    from sklearn.feature_extraction import text as sk                 # the test extra installs it
     texts, _ = toy_task(60)
     texts = [t + " " + t.split()[0] for t in texts]                  # a repeated word: tf = 2
     m = LexicalModel.create(tok, 3, n_buckets=1 << 20, word_ngrams=2, piece_ngrams=0, **TINY)

@@ -9,32 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from minislm import stream
-from minislm.data import TextDataset
 from minislm.team.composition import Composition
 from minislm.team import Team, TeamConfig
 from minislm.team.team import LEXICAL
 from minislm.team.training import fit
 from tests.model_folders import make_tiny_folder
+from tests.test_team import toy
 
 pytestmark = pytest.mark.experts  # the lexical expert reads the pretrained experts' WordPiece vocabulary
 
 PROB_ATOL = 1e-6   # the same float32 numbers pass through Parquet / CSV / JSON: only printing could differ
 N = 240            # rows per test file
 CHUNK = 50         # rows per part: N / CHUNK is not whole, so the last part is short
-
-
-def toy(n, seed):
-    """Three topics, each with its own words, plus shared noise words (as in test_team)."""
-    rng = np.random.default_rng(seed)
-    texts, labels = [], []
-    for i in range(n):
-        y = i % 3
-        words = [f"w{20 * y + int(k)}" for k in rng.integers(0, 20, 3)] + [f"w{int(k)}" for k in rng.integers(60, 110, 4)]
-        rng.shuffle(words)
-        texts.append(" ".join(words))
-        labels.append(y)
-    return TextDataset(texts, np.array(labels), ["red", "green", "blue"], "toy", f"split{seed}", "memory",
-                       {"note": "synthetic"})
 
 
 @pytest.fixture(scope="module")
