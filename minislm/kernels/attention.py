@@ -306,6 +306,23 @@ def attention_backward_reference(qkv, mask_add, n_heads, pos_bias, dctx):
 
 
 @njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
+def _add_thread_partials(db_scratch, n_threads, dpos_bias):
+    # dpos_bias [N, T, T] = the sum of the first n_threads partial sums db_scratch [threads, N, T, T], added in
+    # thread order (so the result does not depend on scheduling); shared by both backward kernels
+    n_heads, T = dpos_bias.shape[0], dpos_bias.shape[1]
+    for row in prange(n_heads * T):
+        h = row // T
+        i = row % T
+        dst = dpos_bias[h, i]
+        for j in range(T):
+            dst[j] = 0.0
+        for t in range(n_threads):
+            src = db_scratch[t, h, i]
+            for j in range(T):
+                dst[j] += src[j]
+
+
+@njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
 def _attention_backward_kernel_reference(qkv, mask_add, n_heads, pos_bias, dctx, n_threads, dqkv, dpos_bias):
     # one query row at a time, the readable version of _attention_backward_kernel (tested against it).
     # qkv [B, T, 3H], mask_add [B, T], pos_bias [N, T, T] or empty, dctx [B, T, H] -> dqkv [B, T, 3H] and, with
@@ -405,16 +422,7 @@ def _attention_backward_kernel_reference(qkv, mask_add, n_heads, pos_bias, dctx,
                 dqkv[b, j, k0 + d] = dk[j, d]
                 dqkv[b, j, v0 + d] = dv[j, d]
     if has_bias:
-        for row in prange(n_heads * T):  # the threads' partial sums, added in thread order
-            h = row // T
-            i = row % T
-            dst = dpos_bias[h, i]
-            for j in range(T):
-                dst[j] = 0.0
-            for t in range(n_threads):
-                src = db_scratch[t, h, i]
-                for j in range(T):
-                    dst[j] += src[j]
+        _add_thread_partials(db_scratch, n_threads, dpos_bias)
 
 
 @njit(cache=True, fastmath=SOFTMAX_FASTMATH, parallel=True)
@@ -519,16 +527,7 @@ def _attention_backward_kernel(qkv, mask_add, n_heads, pos_bias, dctx, n_threads
                 for j in range(T):
                     db_row[j] += ds_row[j]
     if has_bias:
-        for row in prange(n_heads * T):  # the threads' partial sums, added in thread order
-            h = row // T
-            i = row % T
-            dst = dpos_bias[h, i]
-            for j in range(T):
-                dst[j] = 0.0
-            for t in range(n):
-                src = db_scratch[t, h, i]
-                for j in range(T):
-                    dst[j] += src[j]
+        _add_thread_partials(db_scratch, n, dpos_bias)
 
 
 def attention_backward(qkv, mask_add, n_heads, pos_bias, dctx, out=None):
