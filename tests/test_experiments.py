@@ -26,6 +26,42 @@ def seeds(tmp_path_factory):
     return out, test
 
 
+@pytest.fixture(scope="module")
+def crossfit_seed(tmp_path_factory):
+    """One seed in small-data mode: every choice cross-fitted over all training rows."""
+    root = tmp_path_factory.mktemp("exp-cf")
+    (root / "bert").mkdir()
+    make_tiny_folder(root / "bert", "bert")
+    train, test = toy(120, 0), toy(60, 1)
+    test.split = "test"
+    small = dict(experts=["lexical", str(root / "bert")], proj_dim=8, head_hidden=8, folds=2,
+                 lexical={"n_buckets": 256, "epochs": 3, "lr": 1.0}, crossfit_below=10 ** 6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
+        return seed_run.run_seed("toy", train, test, 0, quick=True, log=lambda m: None, **small)[0], test
+
+
+def test_small_data_rows_are_chosen_on_out_of_fold_accuracy(crossfit_seed):
+    result, test = crossfit_seed
+    by = {r["name"]: r for r in result["rows"]}
+    fusions = [r["name"] for r in result["rows"] if r["kind"] == "fusion"]
+    assert len(fusions) == len(seed_run.FUSIONS) + 2  # five learned fusions, prob-average, stacking
+    for name in ["lexical", *fusions, "cascade/checkpoint"]:
+        assert by[name]["val_basis"].startswith("out-of-fold over all 120"), name
+        assert by[name].get("selectable", True)
+    assert by["cascade/checkpoint"]["val_accuracy"] == result["composition"]["estimate"]["accuracy"]
+    assert by["lexical"]["val_accuracy"] == result["composition"]["single_accuracy"]["lexical"]
+    for name in ("cascade/budget=10%", "cascade/every-tier-fused", "tfidf-lr"):
+        if name in by:
+            assert by[name]["selectable"] is False and "validation split" in by[name]["val_basis"]
+    # a row scored on the small split never wins, however high its number
+    rigged = [dict(r, val_accuracy=1.0) if not r.get("selectable", True) else r for r in result["rows"]]
+    rows, preds = aggregate.combine([dict(result, rows=rigged)])
+    sel = aggregate.select(rows, preds, np.asarray(test.labels))
+    assert by[sel["best_team"]].get("selectable", True) and by[sel["best_single"]].get("selectable", True)
+    assert "out-of-fold" in sel["validation"]
+
+
 def test_every_row_has_validation_and_test_numbers(seeds):
     results, test = seeds
     rows = results[0]["rows"]

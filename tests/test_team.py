@@ -232,3 +232,23 @@ def test_an_adapted_team_round_trips_through_its_checkpoint(team, tmp_path, monk
     assert meta["experts"][1]["weights_sha256"] == meta["deltas"][bert]["base_sha256"]
     assert all(k.startswith(("delta/", "stats/", "single/", "tier", "lexical/", "router", "stack"))
                for k in meta["arrays_sha256"])
+
+
+def test_fold_hook_scores_each_row_once_by_a_fold_that_never_saw_it(team, monkeypatch):
+    t, root = team
+    monkeypatch.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
+    held_by_fold = []
+
+    def hook(fold, rec, held_feats):
+        seen = np.concatenate([rec.fit_idx, rec.val_idx])
+        held = np.setdiff1d(np.arange(len(rec.dataset)), seen)  # what the fold team never trained or validated on
+        assert all(len(f) == len(held) for f in held_feats.values())
+        held_by_fold.append(held)
+        return {"row": held[:, None].astype(np.float64)}
+
+    fitted = fit(Team(t.cfg), toy(150, 0), log=lambda s: None, progress=False, fold_extra=hook)
+    rec = fitted.training
+    assert len(held_by_fold) == t.cfg.folds
+    assert sorted(np.concatenate(held_by_fold).tolist()) == list(range(len(rec.dataset)))  # each row held once
+    np.testing.assert_array_equal(rec.crossfit_extra["row"][:, 0], np.arange(len(rec.dataset)))  # joined in row order
+    np.testing.assert_array_equal(rec.crossfit.y, rec.dataset.labels)

@@ -44,14 +44,20 @@ def paired(preds, y, a, b, seed=0):
 
 def select(rows, preds, y):
     """The validation-chosen best single expert and best team, and their paired test comparison."""
-    singles = [r for r in rows if r["kind"] in SINGLE_KINDS]
-    teams = [r for r in rows if r["kind"] in TEAM_KINDS and np.isfinite(r["val_accuracy"])]
+    ok = [r for r in rows if r.get("selectable", True) and np.isfinite(r["val_accuracy"])]
+    singles = [r for r in ok if r["kind"] in SINGLE_KINDS]
+    teams = [r for r in ok if r["kind"] in TEAM_KINDS]
     best_single = max(singles, key=lambda r: (r["val_accuracy"], -r["gflops_per_sample"]))
     best_team = max(teams, key=lambda r: (r["val_accuracy"], -r["gflops_per_sample"]))
     out = {"best_single": best_single["name"], "best_team": best_team["name"],
            "rule": "highest mean validation accuracy over seeds (ties: fewer GFLOPs): singles among rows of kind "
                    "single/adapted, teams among fusion/cascade rows; p and interval compare the two rows' test "
-                   "predictions of the first seed (team - single, points)"}
+                   "predictions of the first seed (team - single, points)",
+           "validation": best_single.get("val_basis", "the validation split carved from the training rows")
+                         + ("; rows whose validation cannot be on that footing are not candidates: "
+                            + ", ".join(r["name"] for r in rows if not r.get("selectable", True)
+                                        and r["kind"] in TEAM_KINDS + SINGLE_KINDS)
+                            if any(not r.get("selectable", True) for r in rows) else "")}
     out.update(paired(preds, y, best_team["name"], best_single["name"]))
     checkpoint = next((r for r in rows if r.get("checkpoint")), None)
     if checkpoint is not None:
@@ -87,6 +93,7 @@ def markdown(result):
              f"Chosen on validation: best single **{sel['best_single']}**, best team **{sel['best_team']}**: "
              f"{sel['difference_points']:+.2f} points on test (McNemar p = {sel['mcnemar_p']:.3g}, bootstrap 95 % "
              f"[{sel['bootstrap_ci95'][0]:+.2f}, {sel['bootstrap_ci95'][1]:+.2f}])", "",
+             f"Validation accuracy, the only score choices read: {sel.get('validation', 'the validation split')}.", "",
              "| kind | name | test accuracy % (mean ± sd) | validation % | macro F1 % | GFLOPs / text | params (M) |",
              "|---|---|---|---|---|---|---|"]
     order = "single adapted fusion cascade baseline ablation".split()

@@ -52,12 +52,62 @@ class Table:
         return float((probs.argmax(1) == self.y_val).mean())
 
 
+def fusion_rows(cfg):
+    """-> [(row name, fusion, experts)]: every learned fusion over the encoders alone and with the lexical expert."""
+    out = []
+    for experts in (list(cfg.encoders), list(cfg.experts)):
+        if len(experts) >= 2:
+            tag = "+".join(short(e) for e in experts)
+            out += [(f"{fusion}/{tag}", fusion, experts) for fusion in FUSIONS]
+    return out
+
+
+def crossfit_fusions(cfg):
+    """The fold hook of training.fit: each fold team also trains every fusion row and scores its held rows, so
+    on small data the fusion rows' validation accuracy is out-of-fold over every training row, like the
+    members' and the composition's."""
+    def extra(fold, fold_rec, held_feats):
+        out = {}
+        for name, fusion, experts in fusion_rows(cfg):
+            if fusion == cfg.fusion and experts == list(cfg.experts):
+                c, p = fold.tiers[-1]
+            else:
+                c, p = train_fusion(fold, experts, fold_rec, fusion=fusion)
+            out[name] = losses.softmax(trainer.logits_of(c, p, {e: held_feats[e] for e in experts}))
+        return out
+    return extra
+
+
+def crossfit_validation(tab, rec, comp, cfg):
+    """Small data: replace the validation accuracy of every row that can be cross-fitted by its out-of-fold
+    accuracy over all training rows (kept as `val_accuracy_split` before); the rows that cannot (threshold
+    cascades chosen on the split, the router, ablations, baselines) are marked not selectable, so the
+    validation-chosen rows are compared on one footing."""
+    ev, extra = rec.crossfit, rec.crossfit_extra
+    acc = lambda p: float((p.argmax(1) == ev.y).mean())  # noqa: E731
+    scores = {e: acc(p) for e, p in ev.members.items()}
+    scores.update({name: acc(p) for name, p in extra.items()})
+    for experts in (list(cfg.encoders), list(cfg.experts)):
+        if len(experts) >= 2:
+            tag = "+".join(short(e) for e in experts)
+            scores[f"prob-average/{tag}"] = acc(ensembles.average(np.stack([ev.members[e] for e in experts], 1)))
+            scores[f"stacking/{tag}"] = acc(ev.stack_probs(experts))
+    scores["cascade/checkpoint"] = comp.record["estimate"]["accuracy"]
+    basis = f"out-of-fold over all {len(ev.y)} training rows ({cfg.folds} folds)"
+    for row in tab.rows:
+        row["val_accuracy_split"] = row["val_accuracy"]
+        if row["name"] in scores:
+            row.update(val_accuracy=scores[row["name"]], val_basis=basis)
+        else:
+            row.update(val_basis=f"the {len(rec.y_val)}-row validation split", selectable=False)
+
+
 def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=0, **config):
     """-> (dict with the seed's rows and records, the trained team). config: more TeamConfig fields."""
     t0 = time.time()
     tc = TrainConfig(seed=seed, epochs=3 if quick else TrainConfig.epochs)
     cfg = TeamConfig(**{"dataset": train.name, "label_names": train.label_names, "train": tc, "seed": seed, **config})
-    team = fit(Team(cfg), train, log=log)
+    team = fit(Team(cfg), train, log=log, fold_extra=crossfit_fusions(cfg))
     fit_seconds = time.time() - t0
     rec = team.training
     y_test = test.labels
@@ -92,20 +142,20 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
     def params_of(experts):
         return sum(encoder_params(e) for e in experts) + (lex_params if LEXICAL in experts else 0)
 
+    for name, fusion, experts in fusion_rows(cfg):
+        t = time.time()
+        if fusion == cfg.fusion and experts == list(cfg.experts):
+            c, p = team.tiers[-1]
+        else:
+            c, p = train_fusion(team, experts, rec, fusion=fusion, log=log)
+        val = losses.softmax(trainer.logits_of(c, p, {e: rec.feats_val[e] for e in experts}))
+        test_p = losses.softmax(trainer.logits_of(c, p, {e: feats_test[e] for e in experts}))
+        tab.add(name, "fusion", tab.val_acc(val), test_p, (cost_of(experts) + head_flops(c)) / 1e9,
+                params_of(experts) + n_params(p), time.time() - t)
     for experts in (list(cfg.encoders), list(cfg.experts)):
         if len(experts) < 2:
             continue
         tag = "+".join(short(e) for e in experts)
-        for fusion in FUSIONS:
-            t = time.time()
-            if fusion == cfg.fusion and experts == list(cfg.experts):
-                c, p = team.tiers[-1]
-            else:
-                c, p = train_fusion(team, experts, rec, fusion=fusion, log=log)
-            val = losses.softmax(trainer.logits_of(c, p, {e: rec.feats_val[e] for e in experts}))
-            test_p = losses.softmax(trainer.logits_of(c, p, {e: feats_test[e] for e in experts}))
-            tab.add(f"{fusion}/{tag}", "fusion", tab.val_acc(val), test_p, (cost_of(experts) + head_flops(c)) / 1e9,
-                    params_of(experts) + n_params(p), time.time() - t)
         Pv = np.stack([probs_val[e] for e in experts], axis=1)
         Pt = np.stack([probs_test[e] for e in experts], axis=1)
         tab.add(f"prob-average/{tag}", "fusion", tab.val_acc(ensembles.average(Pv)), ensembles.average(Pt),
@@ -158,6 +208,8 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
 
     ablations(team, rec, feats_test, tab, enc_flops, log)
     baselines(team, rec, test, tab, enc_flops, log)
+    if rec.crossfit is not None:
+        crossfit_validation(tab, rec, comp, cfg)
     trials = search(team, rec, search_trials, seed, log) if search_trials else []
     return {"seed": seed, "rows": tab.rows, "composition": comp.record, "validation": team.metrics,
             "search": trials, "seconds": round(time.time() - t0, 1), "fit_seconds": round(fit_seconds, 1)}, team

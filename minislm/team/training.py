@@ -49,6 +49,8 @@ class TrainingRecord:
     lexical_val: np.ndarray  # [B_val, C] the lexical expert's validation probabilities
     texts_val: list          # B_val validation texts
     dataset: object          # the cleaned TextDataset the indices refer to
+    crossfit: object = None  # small data: composition.Evidence, out-of-fold over every training row
+    crossfit_extra: dict = None  # name -> out-of-fold probabilities [B, C] that fit(fold_extra=...) asked for
 
 
 def standardize_stats(X):
@@ -176,31 +178,35 @@ def evidence(team, feats, lexical_probs, y, texts):
                                 team.lexical.flops(offsets).astype(np.float64), heads, cfg.folds, cfg.seed)
 
 
-def crossfit_evidence(team, train, raw, log):
+def crossfit_evidence(team, train, raw, log, fold_extra=None):
     """Small data: every candidate's out-of-fold probabilities over ALL training rows (k fold teams, each
-    trained on the other folds with its own inner validation split) -> Evidence on len(train) rows."""
+    trained on the other folds with its own inner validation split) -> (Evidence on len(train) rows, extra).
+    fold_extra(fold_team, fold_record, held_feats) -> {name: probabilities [n_held, C]} scores more models
+    the same way (experiments use it to cross-fit every fusion row); extra joins them over all rows."""
     cfg, N = team.cfg, len(train)
-    parts = []
+    parts, extras = [], []
     for f, (rest, held) in enumerate(data_lib.kfold(train.labels, min(cfg.folds, N), cfg.seed + 7)):
         log(f"cross-fitting: fold {f + 1} of {min(cfg.folds, N)} ({len(rest)} rows train, {len(held)} held)")
         inner_fit, inner_val = split_rows(train.labels[rest], cfg.val_fraction, cfg.seed)
         fold = Team(cfg, lexical_tokenizer=team.lexical_tokenizer)
         fold._experts = team._experts  # share the loaded encoders
-        train_split(fold, train, rest[inner_fit], rest[inner_val], raw, log=None, router=False)
+        fold_rec = train_split(fold, train, rest[inner_fit], rest[inner_val], raw, log=None, router=False)
         held_texts = [train.texts[i] for i in held]
         p_lex = fold.lexical.predict_proba(held_texts)
         feats = {LEXICAL: fold.lexical_features(held_texts, p_lex)}
         feats.update({e: fold.standardized(e, raw[e][held]) for e in cfg.encoders})
         parts.append((held, evidence(fold, feats, p_lex, train.labels[held], held_texts)))
+        extras.append(fold_extra(fold, fold_rec, feats) if fold_extra else {})
     order = np.concatenate([h for h, _ in parts])
     inverse = np.argsort(order)
     join = lambda get: np.concatenate([get(ev) for _, ev in parts])[inverse]  # noqa: E731
     first = parts[0][1]
+    extra = {name: np.concatenate([x[name] for x in extras])[inverse] for name in extras[0]}
     return composition.Evidence(
         cfg.experts, join(lambda ev: ev.y), {e: join(lambda ev: ev.members[e]) for e in first.members},
         {k: join(lambda ev: ev.fused[k]) for k in first.fused}, {e: join(lambda ev: ev.encoder_flops[e])
                                                                 for e in first.encoder_flops},
-        join(lambda ev: ev.lexical_flops), first.head_flops, cfg.folds, cfg.seed)
+        join(lambda ev: ev.lexical_flops), first.head_flops, cfg.folds, cfg.seed), extra
 
 
 def adapt_stage(team, train, fit_idx, val_idx, log):
@@ -220,8 +226,9 @@ def adapt_stage(team, train, fit_idx, val_idx, log):
         team.metrics["adapt"][name] = info
 
 
-def fit(team, train, log=print, progress=True):
-    """Stages 1-3 and the composition on `train` (a TextDataset) -> the team, with team.training set."""
+def fit(team, train, log=print, progress=True, fold_extra=None):
+    """Stages 1-3 and the composition on `train` (a TextDataset) -> the team, with team.training set.
+    fold_extra: see crossfit_evidence (only called when the data is small enough to cross-fit)."""
     cfg = team.cfg
     train, facts = data_lib.clean_training(train)
     for line in facts["notes"]:
@@ -241,7 +248,8 @@ def fit(team, train, log=print, progress=True):
     team.training = rec
     if len(train) < cfg.crossfit_below and not cfg.adapt:
         log(f"composition: {len(train)} rows < {cfg.crossfit_below}, so every choice is cross-fitted over all rows")
-        ev = crossfit_evidence(team, train, raw, log)
+        ev, rec.crossfit_extra = crossfit_evidence(team, train, raw, log, fold_extra)
+        rec.crossfit = ev
     else:  # (an adapted encoder has seen every fit row, so out-of-fold rows would not be held apart from it)
         log(f"composition: chosen on the {len(val_idx)} validation rows")
         ev = evidence(team, rec.feats_val, rec.lexical_val, rec.y_val, rec.texts_val)
