@@ -93,3 +93,24 @@ def test_aggregate_selects_on_validation_only(seeds):
                                "rows": rows, "selected": sel, "ablations": abl,
                                "composition_by_seed": [r["composition"] for r in results], "search": []})
     assert sel["best_team"] in text and "Ablations" in text
+
+
+def test_fusion_guide_reads_only_what_the_results_show(seeds, tmp_path):
+    from minislm.experiments import guide
+
+    results, test = seeds
+    rows, preds = aggregate.combine(results)
+    y = np.asarray(test.labels)
+    result = {"protocol": {"dataset": "ag_news", "n_train": 150}, "seeds": [0, 1], "rows": rows,
+              "selected": aggregate.select(rows, preds, y)}
+    (tmp_path / "ag_news.json").write_text(__import__("json").dumps(result))
+    md = guide.write(tmp_path)
+    g = __import__("json").loads((tmp_path / "fusion_guide.json").read_text())
+    strategies = g["protocols"]["ag_news"]["strategies"]
+    assert {"concat", "gated", "stacking", "cascade/checkpoint"} <= set(strategies)
+    best = max(strategies, key=lambda s: (strategies[s]["val_accuracy"], -strategies[s]["gflops_per_sample"]))
+    assert g["protocols"]["ag_news"]["validation_best_strategy"] == best
+    single = {r["name"]: r for r in rows}[result["selected"]["best_single"]]
+    for s, v in strategies.items():
+        assert abs(v["vs_best_single_points"] - 100 * (v["accuracy"] - single["accuracy"])) < 1e-9
+    assert "| gated |" in md and "Best single expert" in md

@@ -15,7 +15,7 @@ import numpy as np
 
 from minislm import data
 from minislm.atomic import write_json, write_text
-from minislm.experiments import aggregate, seed_run
+from minislm.experiments import aggregate, guide, seed_run
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PROTOCOLS = ("ag_news", "imdb", "dbpedia_14", "ag_news-1k", "imdb-1k")
@@ -96,6 +96,7 @@ def main(argv=None):
         sel = result["selected"]
         print(f"{p}: best single {sel['best_single']}, best team {sel['best_team']} "
               f"({sel['difference_points']:+.2f} points, McNemar p = {sel['mcnemar_p']:.3g})")
+    guide.write(Path(args.out_dir))  # the fusion guide reads every protocol's file, so it follows each run
     print(f"all done in {(time.time() - t0) / 60:.1f} min")
     return 0
 
