@@ -114,3 +114,48 @@ def test_fusion_guide_reads_only_what_the_results_show(seeds, tmp_path):
     for s, v in strategies.items():
         assert abs(v["vs_best_single_points"] - 100 * (v["accuracy"] - single["accuracy"])) < 1e-9
     assert "| gated |" in md and "Best single expert" in md
+
+
+def test_an_adapted_run_adds_its_rows_to_the_frozen_runs_file(seeds, tmp_path, monkeypatch):
+    import json
+
+    from minislm.experiments import __main__ as cli
+    from minislm.team.adaptation import AdaptSettings
+
+    results, test = seeds
+    frozen = results[0]
+    experts = [r["name"] for r in frozen["rows"] if r["kind"] == "single"]
+    bert = experts[1]
+    adapt = {bert: AdaptSettings(method="lora", rank=4, epochs=1, max_len=32, batch_size=16)}
+    small = dict(experts=experts, proj_dim=8, head_hidden=8, folds=2, lexical={"n_buckets": 256, "epochs": 3, "lr": 1.0},
+                 crossfit_below=0, adapt=adapt)
+    monkeypatch.setenv("MINISLM_CACHE_DIR", str(tmp_path / "cache"))
+    adapted, _ = seed_run.run_seed("toy", seed_run_train(), test, 0, quick=True, log=lambda m: None, **small)
+    by = {r["name"]: r for r in adapted["rows"]}
+    row = by[f"lora-r4/{bert}"]
+    assert row["kind"] == "adapted" and row["expert"] == bert and 0 < row["trainable_params"]
+    assert not any(r.get("checkpoint") for r in adapted["rows"])  # the served team is the frozen run's
+    assert any(n.startswith("cascade/checkpoint (lora-r4-") for n in by)
+    assert any(n.startswith("stacking/") and f"lora-r4-{bert}" in n for n in by)
+    assert not any(r["kind"] in ("ablation", "baseline") for r in adapted["rows"])
+
+    # both runs' seed files, then the protocol's results file holds the frozen rows and the adapted ones once
+    monkeypatch.setattr(cli, "REPO", tmp_path)
+    for s, res in ((0, results[0]), (1, results[1])):
+        cli.write_json(cli.seed_file("toy", s, False, experts), res)
+    cli.write_json(cli.seed_file("toy", 0, False, experts, adapt), adapted)
+    monkeypatch.setattr(cli.aggregate, "plot", lambda result, path: False)
+    train = seed_run_train()
+    train.protocol = {"dataset": "toy", "note": "synthetic"}
+    out = cli.write_results("toy", train, test, tmp_path, False, 0.0, experts)
+    names = [r["name"] for r in out["rows"]]
+    assert len(names) == len(set(names)) and f"lora-r4/{bert}" in names and bert in names
+    assert out["adapted_runs"][0]["seeds"] == [0] and out["seeds"] == [0, 1]
+    assert sum(r.get("checkpoint", False) for r in out["rows"]) == 1
+    pair = [a for a in out["ablations"] if a["isolates"] == "adapted vs frozen"]
+    assert pair and pair[0]["row"] == f"lora-r4/{bert}" and pair[0]["compared_with"] == bert
+    assert json.loads((tmp_path / "toy.json").read_text())["adapted_runs"]
+
+
+def seed_run_train():
+    return toy(150, 0)

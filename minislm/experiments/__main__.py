@@ -16,49 +16,95 @@ import numpy as np
 from minislm import data
 from minislm.atomic import write_json, write_text
 from minislm.experiments import aggregate, guide, seed_run
+from minislm.team.adaptation import AdaptSettings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PROTOCOLS = ("ag_news", "imdb", "dbpedia_14", "ag_news-1k", "imdb-1k")
 
 
-def seed_file(protocol, seed, quick, experts=None):
+def run_dir(protocol, quick, experts=None, adapt=None):
+    """cache/experiments/<protocol>[-quick][-<experts>][-adapt-<label>...]: one run's finished seeds."""
     tag = "" if not experts else "-" + "-".join(Path(e).name for e in experts)
-    return REPO / "cache" / "experiments" / f"{protocol}{'-quick' if quick else ''}{tag}" / f"seed-{seed}.json"
+    if adapt:
+        tag += "-adapt-" + "-".join(f"{seed_run.adapt_tag(s)}-{Path(e).name}" for e, s in adapt.items())
+    return REPO / "cache" / "experiments" / f"{protocol}{'-quick' if quick else ''}{tag}"
+
+
+def seed_file(protocol, seed, quick, experts=None, adapt=None):
+    return run_dir(protocol, quick, experts, adapt) / f"seed-{seed}.json"
+
+
+def finished_seeds(folder):
+    """Every seed result in a run's folder, by seed."""
+    files = sorted(folder.glob("seed-*.json"), key=lambda f: int(f.stem.split("-")[1])) if folder.is_dir() else []
+    return [json.loads(f.read_text(encoding="utf-8")) for f in files]
 
 
 def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=False, save_model=None,
-                 search_trials=6, experts=None, log=print):
+                 search_trials=6, experts=None, log=print, adapt=None):
     t0 = time.time()
     train, test = data.protocol_splits(protocol, data_dir)
-    results = []
+    config = {**({"experts": list(experts)} if experts else {}), **({"adapt": adapt} if adapt else {})}
     for i, seed in enumerate(seeds):
-        f = seed_file(protocol, seed, quick, experts)
+        f = seed_file(protocol, seed, quick, experts, adapt)
         if f.exists() and not fresh and not (save_model and i == 0):
             log(f"{protocol} seed {seed}: done before ({f})")
-            results.append(json.loads(f.read_text(encoding="utf-8")))
             continue
         log(f"{protocol} seed {seed}")
         res, team = seed_run.run_seed(protocol, train, test, seed, quick=quick, log=log,
-                                      search_trials=search_trials if i == 0 and not quick else 0,
-                                      **({"experts": list(experts)} if experts else {}))
+                                      search_trials=search_trials if i == 0 and not quick and not adapt else 0,
+                                      **config)
         if save_model and i == 0:
             team.save(save_model, command=f"python -m minislm.experiments {protocol} --save-model {save_model}")
             log(f"saved {save_model}")
+        res["command"] = command(protocol, quick, experts, adapt)
         write_json(f, res)
-        results.append(res)
-        write_results(protocol, train, test, results, out_dir, quick, t0, experts)  # partial results land too
-    return write_results(protocol, train, test, results, out_dir, quick, t0, experts)
+        write_results(protocol, train, test, out_dir, quick, t0, experts)  # partial results land too
+    return write_results(protocol, train, test, out_dir, quick, t0, experts)
 
 
-def write_results(protocol, train, test, results, out_dir, quick, t0, experts=None):
-    """Aggregate the seeds done so far into notebooks/results/<protocol>.{json,md,png}."""
-    rows, preds = aggregate.combine(results)
+def command(protocol, quick, experts, adapt=None):
+    cmd = f"python -m minislm.experiments {protocol}" + (" --quick" if quick else "")
+    cmd += f" --experts {' '.join(experts)}" if experts else ""
+    if adapt:  # the command line gives every adapted expert the same settings
+        s = next(iter(adapt.values()))
+        cmd += (f" --adapt {' '.join(adapt)} --adapt-method {s.method} --adapt-rank {s.rank} --adapt-top-k {s.top_k} "
+                f"--adapt-lr {s.lr} --adapt-epochs {s.epochs} --adapt-max-len {s.max_len}")
+    return cmd
+
+
+def adapted_runs(protocol, quick, experts):
+    """-> [(folder, seed results)] of every run of this protocol and team with adapted experts."""
+    base = run_dir(protocol, quick, experts)
+    folders = sorted(base.parent.glob(base.name + "-adapt-*"))
+    return [(f, finished_seeds(f)) for f in folders if finished_seeds(f)]
+
+
+def write_results(protocol, train, test, out_dir, quick, t0, experts=None):
+    """Aggregate the finished seeds of the frozen run and of every adapted run of this protocol and team into
+    notebooks/results/<protocol>.{json,md,png}. An adapted run adds its rows of kind `adapted` and every team
+    row that reads an adapted member (its other rows repeat the frozen run's)."""
+    results = finished_seeds(run_dir(protocol, quick, experts))
+    rows, preds = aggregate.combine(results) if results else ([], {})
+    runs = []
+    for folder, seeds in adapted_runs(protocol, quick, experts):
+        a_rows, a_preds = aggregate.combine(seeds)
+        labels = {r["name"].split("/", 1)[0] + "-" + seed_run.short(r["expert"]) for r in a_rows
+                  if r["kind"] == "adapted"}
+        new = [r for r in a_rows if r["kind"] == "adapted" or any(lab in r["name"] for lab in labels)
+               or not results]
+        rows += new
+        preds.update({r["name"]: a_preds[r["name"]] for r in new})
+        runs.append({"run": folder.name, "seeds": [s["seed"] for s in seeds], "rows": [r["name"] for r in new],
+                     "command": seeds[0].get("command"), "seconds": round(sum(s["seconds"] for s in seeds), 1)})
+    if not results:  # only adapted runs so far: their first one stands in for the run's own records
+        results = adapted_runs(protocol, quick, experts)[0][1]
     y = np.asarray(test.labels)
     result = {
         "protocol": dict(train.protocol), "seeds": [r["seed"] for r in results],
-        "command": f"python -m minislm.experiments {protocol}" + (" --quick" if quick else "")
-                   + (f" --experts {' '.join(experts)}" if experts else ""),
+        "command": command(protocol, quick, experts),
         "seeds_planned_note": "seeds listed are those finished; a run resumes at the next one",
+        "adapted_runs": runs,
         "rows": rows, "selected": aggregate.select(rows, preds, y), "ablations": aggregate.ablations(rows, preds, y),
         "composition_by_seed": [r["composition"] for r in results], "search": results[0].get("search", []),
         "validation_by_seed": [r["validation"] for r in results],
@@ -82,6 +128,15 @@ def main(argv=None):
     ap.add_argument("--search-trials", type=int, default=6, help="random-search trials on the first seed (0 = none)")
     ap.add_argument("--save-model", help="also save the first seed's team (a checkpoint folder) here")
     ap.add_argument("--experts", nargs="+", help="the team's tiers (default: lexical and the three encoders)")
+    a = lambda f: getattr(AdaptSettings, f)  # noqa: E731  (defaults read from the config tree)
+    ap.add_argument("--adapt", nargs="+", default=[], metavar="EXPERT",
+                    help="encoders adapted to the task before fusion; their rows join the frozen run's")
+    ap.add_argument("--adapt-method", default=a("method"), choices=["lora", "topk", "full"])
+    ap.add_argument("--adapt-rank", type=int, default=a("rank"))
+    ap.add_argument("--adapt-top-k", type=int, default=a("top_k"))
+    ap.add_argument("--adapt-lr", type=float, default=a("lr"))
+    ap.add_argument("--adapt-epochs", type=int, default=a("epochs"))
+    ap.add_argument("--adapt-max-len", type=int, default=a("max_len"))
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
@@ -89,10 +144,18 @@ def main(argv=None):
     if args.quick:
         args.seeds = args.seeds[:1]
     protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    try:
+        adapt = {e: AdaptSettings(method=args.adapt_method, rank=args.adapt_rank, top_k=args.adapt_top_k,
+                                  lr=args.adapt_lr, epochs=args.adapt_epochs, max_len=args.adapt_max_len)
+                 for e in args.adapt}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.time()
     for p in protocols:
         result = run_protocol(p, args.seeds, Path(args.out_dir), args.data_dir, args.quick, args.fresh,
-                              args.save_model if len(protocols) == 1 else None, args.search_trials, args.experts)
+                              args.save_model if len(protocols) == 1 else None, args.search_trials, args.experts,
+                              adapt=adapt or None)
         sel = result["selected"]
         print(f"{p}: best single {sel['best_single']}, best team {sel['best_team']} "
               f"({sel['difference_points']:+.2f} points, McNemar p = {sel['mcnemar_p']:.3g})")

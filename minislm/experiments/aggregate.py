@@ -70,6 +70,8 @@ def ablation_pairs(rows):
     """(row, the row it is compared with, what it isolates) for every ablation the table holds."""
     names = {r["name"] for r in rows}
     pairs = [(r["name"], r["pair"], r["name"].split("/")[1]) for r in rows if r["kind"] == "ablation" and r.get("pair")]
+    pairs += [(r["name"], r["expert"], "adapted vs frozen") for r in rows
+              if r["kind"] == "adapted" and r.get("expert") in names]
     for a, b, what in (("concat/L3+L6+MPNet", "concat/lexical+L3+L6+MPNet", "without the lexical expert"),
                        ("mean/lexical+L3+L6+MPNet", "gated/lexical+L3+L6+MPNet", "plain mean vs gated fusion")):
         if a in names and b in names:

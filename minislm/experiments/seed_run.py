@@ -6,6 +6,7 @@ accuracy (the rows choices are made on) beside its test accuracy (never used for
 parameters and its test predictions (for the paired statistics). A finished seed is written to
 cache/experiments/<protocol>/seed-<s>.json, so an interrupted run resumes at the first unfinished seed.
 """
+import dataclasses
 import time
 
 import numpy as np
@@ -52,12 +53,26 @@ class Table:
         return float((probs.argmax(1) == self.y_val).mean())
 
 
+def adapt_tag(settings):
+    """AdaptSettings -> how a row names the method: "lora-r8", "top2" or "full"."""
+    return {"lora": f"lora-r{settings.rank}", "topk": f"top{settings.top_k}", "full": "full"}[settings.method]
+
+
+def label(cfg, e):
+    """A member's short name in row names; an adapted encoder carries its method ("top2-L6")."""
+    return f"{adapt_tag(cfg.adapt[e])}-{short(e)}" if e in cfg.adapt else short(e)
+
+
+def set_tag(cfg, experts):
+    return "+".join(label(cfg, e) for e in experts)
+
+
 def fusion_rows(cfg):
     """-> [(row name, fusion, experts)]: every learned fusion over the encoders alone and with the lexical expert."""
     out = []
     for experts in (list(cfg.encoders), list(cfg.experts)):
         if len(experts) >= 2:
-            tag = "+".join(short(e) for e in experts)
+            tag = set_tag(cfg, experts)
             out += [(f"{fusion}/{tag}", fusion, experts) for fusion in FUSIONS]
     return out
 
@@ -89,7 +104,7 @@ def crossfit_validation(tab, rec, comp, cfg):
     scores.update({name: acc(p) for name, p in extra.items()})
     for experts in (list(cfg.encoders), list(cfg.experts)):
         if len(experts) >= 2:
-            tag = "+".join(short(e) for e in experts)
+            tag = set_tag(cfg, experts)
             scores[f"prob-average/{tag}"] = acc(ensembles.average(np.stack([ev.members[e] for e in experts], 1)))
             scores[f"stacking/{tag}"] = acc(ev.stack_probs(experts))
     scores["cascade/checkpoint"] = comp.record["estimate"]["accuracy"]
@@ -106,6 +121,8 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
     """-> (dict with the seed's rows and records, the trained team). config: more TeamConfig fields."""
     t0 = time.time()
     tc = TrainConfig(seed=seed, epochs=3 if quick else TrainConfig.epochs)
+    if config.get("adapt"):  # the seed moves the adaptation's data order and initialisation too
+        config["adapt"] = {e: dataclasses.replace(s, seed=seed) for e, s in config["adapt"].items()}
     cfg = TeamConfig(**{"dataset": train.name, "label_names": train.label_names, "train": tc, "seed": seed, **config})
     team = fit(Team(cfg), train, log=log, fold_extra=crossfit_fusions(cfg))
     fit_seconds = time.time() - t0
@@ -132,8 +149,16 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
         c, p = team.singles[name]
         probs_val[name] = team.member_probs(name, rec.feats_val, rec.lexical_val)
         probs_test[name] = team.member_probs(name, feats_test, p_lex_test)
-        tab.add(name, "single", tab.val_acc(probs_val[name]), probs_test[name],
-                (enc_flops[name].mean() + head_flops(c)) / 1e9, encoder_params(name) + n_params(p))
+        extra = {}
+        if name in cfg.adapt:  # compared with the frozen single row of the same expert (the run without --adapt)
+            info = team.metrics["adapt"][name]
+            extra = dict(expert=name, method=info["method"], trainable_params=int(info["trainable_params"]),
+                         adapt_seconds=round(float(info["train_seconds"]), 1), adapt_steps=int(info["steps"]),
+                         adapt_val_accuracy=float(info["val_accuracy"]), settings=dataclasses.asdict(cfg.adapt[name]))
+        tab.add(f"{adapt_tag(cfg.adapt[name])}/{name}" if name in cfg.adapt else name,
+                "adapted" if name in cfg.adapt else "single", tab.val_acc(probs_val[name]), probs_test[name],
+                (enc_flops[name].mean() + head_flops(c)) / 1e9, encoder_params(name) + n_params(p),
+                extra.get("adapt_seconds", 0.0), **extra)
 
     # ---- fusions, probability averages and stacking over the encoders alone and with the lexical expert -----
     def cost_of(experts):
@@ -155,7 +180,7 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
     for experts in (list(cfg.encoders), list(cfg.experts)):
         if len(experts) < 2:
             continue
-        tag = "+".join(short(e) for e in experts)
+        tag = set_tag(cfg, experts)
         Pv = np.stack([probs_val[e] for e in experts], axis=1)
         Pt = np.stack([probs_test[e] for e in experts], axis=1)
         tab.add(f"prob-average/{tag}", "fusion", tab.val_acc(ensembles.average(Pv)), ensembles.average(Pt),
@@ -206,8 +231,16 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
                 cost.mean() / 1e9, params_of(list(cfg.experts)) + n_params(p),
                 run_share=dict(zip([short(e) for e in c.experts], chosen.mean(axis=0).tolist())))
 
-    ablations(team, rec, feats_test, tab, enc_flops, log)
-    baselines(team, rec, test, tab, enc_flops, log)
+    if cfg.adapt:  # the run without --adapt holds the ablations and baselines; cascade rows name the adaptation
+        suffix = f" ({', '.join(label(cfg, e) for e in cfg.adapt)})"
+        for row in tab.rows:
+            if row["kind"] == "cascade":
+                row["name"] += suffix
+                if row.pop("checkpoint", False):
+                    row["checkpoint_of_adapted_team"] = True
+    else:
+        ablations(team, rec, feats_test, tab, enc_flops, log)
+        baselines(team, rec, test, tab, enc_flops, log)
     if rec.crossfit is not None:
         crossfit_validation(tab, rec, comp, cfg)
     trials = search(team, rec, search_trials, seed, log) if search_trials else []
