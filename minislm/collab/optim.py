@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from minislm.kernels.adamw import adamw_update, adamw_update_reference
+
 
 def leaves(tree, prefix=""):
     """Nested dict -> list of (dotted name, array), sorted by name."""
@@ -67,16 +69,11 @@ class AdamW:
             if name not in g_by_name:
                 continue
             g = g_by_name[name]
-            if self.wd and self.decay(name, p):
-                p *= 1 - lr * self.wd
-            m, v = self.m[name], self.v[name]
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            m_hat = m / (1 - b1 ** self.t)
-            v_hat = v / (1 - b2 ** self.t)
-            p -= (lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(p.dtype)
+            wd = self.wd if self.wd and self.decay(name, p) else 0.0
+            if p.dtype == np.float32 and p.flags.c_contiguous and g.dtype == np.float32 and g.flags.c_contiguous:
+                adamw_update(p, g, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, self.t)  # one fused pass
+            else:
+                adamw_update_reference(p, g, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, self.t)
 
 
 class EarlyStopping:

@@ -27,6 +27,7 @@ from numba import njit, prange
 
 from minislm.kernels.activations import GELU_FLOPS_PER_ELEM, gelu32, gelu_reference
 from minislm.kernels.checks import check_array, output_array
+from minislm.kernels.layout import transpose
 from minislm.kernels.tiles import PANEL as NR  # output columns per panel and per register tile
 from minislm.kernels.tiles import TILE_ROWS, rows_times_panels, whole_panels
 
@@ -279,7 +280,7 @@ def linear_backward(x, w, dy, need_dx=True, dw=None, db=None, accumulate=False, 
     if need_dx:
         w_plain = w.unpack() if isinstance(w, PackedWeight) else w
         dx = linear(dy, TransposedWeight(w_plain), backend=backend)
-    dy_t = np.ascontiguousarray(dy.T)
+    dy_t = transpose(dy)  # [N, M], cache-blocked (layout.py)
     if accumulate:
         dw += linear(dy_t, TransposedWeight(x), backend=backend)
         db += dy.sum(axis=0, dtype=np.float64).astype(np.float32)
