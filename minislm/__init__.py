@@ -12,7 +12,7 @@ Layers, from bottom to top (nothing imports upward; tests/test_architecture.py c
                   the lexical expert
     collab/       layer mix, gates, fusions, heads, losses, optimiser: forward + hand-written backward
     team/         config, staged training, cascade inference, checkpoint format
-    train.py, classify.py, experiments.py, bench.py, weights.py, embed.py: the command-line tools
+    train.py, classify.py, experiments.py, bench.py, resources.py, weights.py, embed.py: the command-line tools
 
     from minislm import Team
     team = Team.load("weights/ag_news")

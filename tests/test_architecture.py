@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minislm"
-TOOLS = ("cli", "train", "classify", "experiments", "bench", "bench_train", "weights", "embed", "stream", "distributed")
+TOOLS = ("cli", "train", "classify", "experiments", "bench", "bench_train", "weights", "embed", "stream", "distributed",
+         "resources")
 LAYERS = {                       # module prefix -> layer; a module takes the layer of its longest prefix
     "minislm.numba_setup": 0, "minislm.atomic": 0, "minislm.flops": 0, "minislm.data": 0,
     "minislm.kernels": 1,

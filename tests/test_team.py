@@ -84,6 +84,34 @@ def test_flops_count_each_expert_by_its_own_tokens(team, monkeypatch):
     np.testing.assert_allclose(info["flops"], after_mpnet, rtol=1e-12)
 
 
+def test_a_model_alone_runs_only_what_it_reads(team):
+    """predict_alone: a member's own model, or the last tier's fused head, on its own, charged for what it ran."""
+    team, _ = team
+    test = toy(20, 4)
+    p_lex = team.lexical.predict_proba(test.texts)
+    lex_flops = team.lexical.flops(team.lexical.bags(test.texts)[0])
+    probs, info = team.predict_alone(test.texts, "single:lexical")
+    np.testing.assert_array_equal(probs, p_lex)
+    np.testing.assert_allclose(info["flops"], lex_flops, rtol=1e-12)
+    assert info["experts"] == [LEXICAL] and list(info["ledger"]) == [LEXICAL]
+    feats, enc_flops = {LEXICAL: team.lexical_features(test.texts, p_lex)}, 0.0
+    for name in team.cfg.encoders:
+        feats[name] = team.standardized(name, team.encoder_features(name, test.texts))
+        enc_flops = enc_flops + encoder_row_flops(team.expert(name).config, team.token_lengths(name, test.texts))
+        probs, info = team.predict_alone(test.texts, f"single:{name}")
+        np.testing.assert_allclose(probs, team.member_probs(name, feats, p_lex), atol=1e-6)
+        want = encoder_row_flops(team.expert(name).config, team.token_lengths(name, test.texts))
+        np.testing.assert_allclose(info["flops"], want + head_flops(team.singles[name][0]), rtol=1e-12)
+        assert info["experts"] == [name] and LEXICAL not in info["ledger"]  # the lexical expert never ran
+    probs, info = team.predict_alone(test.texts, "fused")
+    np.testing.assert_allclose(probs, team.fused_probs(len(team.tiers) - 1, feats), atol=1e-6)
+    np.testing.assert_allclose(info["flops"], lex_flops + enc_flops + head_flops(team.tiers[-1][0]), rtol=1e-12)
+    assert info["experts"] == team.cfg.experts
+    assert team.predict_alone([], "fused")[0].shape == (0, 3)
+    with pytest.raises(ValueError, match="cannot serve 'stack' alone; it can serve single:lexical, "):
+        team.predict_alone(test.texts, "stack")
+
+
 def test_gated_mode_runs_only_the_chosen_experts(team):
     team, _ = team
     test = toy(30, 3)

@@ -297,6 +297,58 @@ class Team:
         probs, _ = self.predict_proba(texts, **kw)
         return [self.cfg.label_names[i] for i in probs.argmax(axis=1)]
 
+    # ---- one model alone, outside the cascade --------------------------------------------------------------
+    def alone_experts(self, answer):
+        """The experts `answer` reads, in tier order: "single:<expert>" a member's own model, "fused" the last
+        tier's fused head over every expert."""
+        fused = self.tiers[-1] if self.tiers else None
+        kind, _, member = answer.partition(":") if isinstance(answer, str) else ("", "", "")
+        if kind == "single" and (member == LEXICAL or member in self.singles):
+            return [member]
+        if answer == "fused" and fused is not None:
+            return list(fused[0].experts)
+        can = [f"single:{e}" for e in self.cfg.experts if e == LEXICAL or e in self.singles]
+        raise ValueError(f"this team cannot serve {answer!r} alone; it can serve "
+                         f"{', '.join(can + (['fused'] if fused is not None else []))}")
+
+    def predict_alone(self, texts, answer):
+        """B texts -> (probabilities [B, C], info) from one of the team's models alone, no cascade: every row
+        runs only the experts `answer` reads (alone_experts), so a member's row costs its own encoder and head
+        and nothing else. info: flops [B] (per row, real tokens), experts (names run), ledger (FLOPs by part)."""
+        self._check_request(texts, None, None)
+        reads = self.alone_experts(answer)
+        B, C = len(texts), len(self.cfg.label_names)
+        ledger, rows = FlopLedger(B), np.arange(B)
+        if B == 0:
+            return np.zeros((0, C), dtype=np.float32), {"flops": ledger.per_row, "experts": reads,
+                                                         "ledger": ledger.by_part}
+        feats, p_lex = {}, None
+        if LEXICAL in reads:
+            offsets, _ = self.lexical.bags(texts)
+            p_lex = self.lexical.predict_proba(texts)
+            ledger.add(LEXICAL, rows, self.lexical.flops(offsets))
+            if LEXICAL in self.stats:
+                feats[LEXICAL] = self.lexical_features(texts, p_lex)
+        for name in reads:
+            if name == LEXICAL:
+                continue
+            e = self.expert(name)
+            token_rows = e.tokenizer.encode(texts, self.cfg.max_len)
+            ledger.add(name, rows, encoder_row_flops(e.config, np.array([len(r) for r in token_rows])))
+            X = features_lib.pooled_features(e, None, self.cfg.max_len, rows=token_rows)
+            feats[name] = self.standardized(name, X)
+        if answer == "fused":
+            probs = self.fused_probs(len(self.tiers) - 1, feats)
+            ledger.add("fused/head", rows, head_flops(self.tiers[-1][0]))
+        else:
+            probs = self.member_probs(reads[0], feats, p_lex)
+            if reads[0] != LEXICAL:
+                ledger.add(f"{reads[0]}/head", rows, head_flops(self.singles[reads[0]][0]))
+        if not np.isfinite(probs).all():
+            raise FloatingPointError("the team produced non-finite probabilities; its checkpoint or the expert "
+                                     "weights are damaged: run `python -m minislm.weights verify` and retrain")
+        return probs, {"flops": ledger.per_row.copy(), "experts": reads, "ledger": ledger.by_part}
+
     # ---- gated mode ------------------------------------------------------------------------------------
     def router_flops(self, chosen, texts):
         """FLOPs per row [B] of gated mode: the lexical expert, the encoders the router chose, the head."""
