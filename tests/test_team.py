@@ -280,3 +280,20 @@ def test_fold_hook_scores_each_row_once_by_a_fold_that_never_saw_it(team, monkey
     assert sorted(np.concatenate(held_by_fold).tolist()) == list(range(len(rec.dataset)))  # each row held once
     np.testing.assert_array_equal(rec.crossfit_extra["row"][:, 0], np.arange(len(rec.dataset)))  # joined in row order
     np.testing.assert_array_equal(rec.crossfit.y, rec.dataset.labels)
+
+
+def test_team_internals_figure_reads_the_checkpoint_and_results(team, tmp_path):
+    from minislm.experiments import figures
+
+    t, _ = team
+    mixes = figures.layer_mixes(t)
+    assert len(mixes) == 2 * len(t.cfg.encoders)  # each encoder alone and inside the full fusion
+    for label, w in mixes.items():
+        assert abs(float(np.sum(w)) - 1.0) < 1e-5 and (w > 0).all(), label
+    row = {"name": "cascade/checkpoint", "kind": "cascade", "checkpoint": True, "exit_share": [0.5, 0.3, 0.2]}
+    router = {"name": "router/top-2", "kind": "cascade", "run_share": {"lexical": 0.9, "L3": 0.6}}
+    result = {"rows": [row, router], "composition_by_seed": [{"single_accuracy": {"lexical": 1, "L3": 1, "L6": 1}}]}
+    (tmp_path / "ag_news.json").write_text(json.dumps(result))
+    assert figures.exit_shares(tmp_path) == {"ag_news": (["lexical", "L3", "L6"], [0.5, 0.3, 0.2])}
+    assert figures.router_shares(tmp_path) == {"ag_news": {"lexical": 0.9, "L3": 0.6}}
+    assert figures.draw(tmp_path, t, tmp_path / "f.png").stat().st_size > 10_000
