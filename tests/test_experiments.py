@@ -89,6 +89,7 @@ def test_aggregate_selects_on_validation_only(seeds):
     assert aggregate.select(rows2, preds, y)["best_team"] == sel["best_team"]
     abl = aggregate.ablations(rows, preds, y)
     assert abl and all(a["holm_p"] >= a["mcnemar_p"] for a in abl)
+    assert {"without the lexical expert", "plain mean vs gated fusion", "last-layer"} <= {a["isolates"] for a in abl}
     text = aggregate.markdown({"protocol": {"dataset": "toy"}, "seeds": [0, 1], "command": "test", "seconds": 1,
                                "rows": rows, "selected": sel, "ablations": abl,
                                "composition_by_seed": [r["composition"] for r in results], "search": []})

@@ -72,10 +72,14 @@ def ablation_pairs(rows):
     pairs = [(r["name"], r["pair"], r["name"].split("/")[1]) for r in rows if r["kind"] == "ablation" and r.get("pair")]
     pairs += [(r["name"], r["expert"], "adapted vs frozen") for r in rows
               if r["kind"] == "adapted" and r.get("expert") in names]
-    for a, b, what in (("concat/L3+L6+MPNet", "concat/lexical+L3+L6+MPNet", "without the lexical expert"),
-                       ("mean/lexical+L3+L6+MPNet", "gated/lexical+L3+L6+MPNet", "plain mean vs gated fusion")):
-        if a in names and b in names:
-            pairs.append((a, b, what))
+    for name in sorted(names):  # over every member: concat without the lexical expert, mean without the gate
+        fusion, _, members = name.partition("/")
+        if not members.startswith("lexical+"):
+            continue
+        if fusion == "concat" and f"concat/{members[len('lexical+'):]}" in names:
+            pairs.append((f"concat/{members[len('lexical+'):]}", name, "without the lexical expert"))
+        if fusion == "mean" and f"gated/{members}" in names:
+            pairs.append((name, f"gated/{members}", "plain mean vs gated fusion"))
     return pairs
 
 
