@@ -21,8 +21,8 @@ def seeds(tmp_path_factory):
                  lexical={"n_buckets": 256, "epochs": 3, "lr": 1.0}, crossfit_below=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
-        out = [seed_run.run_seed("toy", train, test, s, quick=True, log=lambda m: None, search_trials=1 - s, **small)[0]
-               for s in (0, 1)]
+        out = [seed_run.run_seed("toy", train, test, s, quick=True, log=lambda m: None, search_trials=1 - s, int8=True,
+                                 **small)[0] for s in (0, 1)]
     return out, test
 
 
@@ -93,3 +93,27 @@ def test_aggregate_selects_on_validation_only(seeds):
                                "rows": rows, "selected": sel, "ablations": abl,
                                "composition_by_seed": [r["composition"] for r in results], "search": []})
     assert sel["best_team"] in text and "Ablations" in text
+
+
+def test_int8_rows_score_the_single_encoders_and_the_checkpoint_on_int8_weights(seeds):
+    results, test = seeds
+    rows = {r["name"]: r for r in results[0]["rows"]}
+    encoders = [n for n, r in rows.items() if r["kind"] == "single" and n != "lexical"]
+    int8 = {n: r for n, r in rows.items() if r["kind"] == "int8"}
+    assert set(int8) == {f"int8/{e}" for e in encoders} | {"int8/cascade/checkpoint"}
+    for name, r in int8.items():
+        ref = rows[r["float32_row"]]
+        assert r["float32_row"] == name.removeprefix("int8/")
+        assert r["gflops_per_sample"] == ref["gflops_per_sample"] and r["params"] == ref["params"]
+        assert len(r["preds"]) == len(test) and 0 <= r["val_accuracy"] <= 1
+        # the same heads on int8 features: mostly the same answers (tiny random encoders, so not all)
+        assert r["agreement"] == np.mean(np.array(r["preds"]) == np.array(ref["preds"])) and r["agreement"] > 0.5
+    assert abs(sum(int8["int8/cascade/checkpoint"]["exit_share"]) - 1) < 1e-9
+    # int8 rows are reported, never chosen, and the tables take them
+    agg, preds = aggregate.combine(results)
+    sel = aggregate.select(agg, preds, np.asarray(test.labels))
+    assert not sel["best_single"].startswith("int8/") and not sel["best_team"].startswith("int8/")
+    text = aggregate.markdown({"protocol": {"dataset": "toy"}, "seeds": [0, 1], "command": "test", "seconds": 1,
+                               "rows": agg, "selected": sel, "ablations": [],
+                               "composition_by_seed": [r["composition"] for r in results], "search": []})
+    assert "| int8 | int8/cascade/checkpoint |" in text
