@@ -194,15 +194,17 @@ def onnx_model(enc, folder_sha, name, B, T):
     return path
 
 
-def onnx_int8_model(fp32_path):
-    """ONNX Runtime's dynamic quantization of an exported model (int8 weights per tensor, uint8 activations
-    quantized per call: quantize_dynamic's defaults), cached beside it -> its path."""
+def onnx_int8_model(fp32_path, per_channel=False):
+    """ONNX Runtime's dynamic quantization of an exported model, cached beside it -> its path. Defaults: int8
+    weights per tensor (the Gather of the embeddings quantized too), uint8 activations quantized on every call.
+    per_channel: weights per output channel in 7 bits (reduce_range), minislm's own weight scheme."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    path = fp32_path.with_name(fp32_path.stem + "-int8-dynamic.onnx")
+    path = fp32_path.with_name(fp32_path.stem + ("-int8-per-channel.onnx" if per_channel else "-int8-dynamic.onnx"))
     if not path.is_file():
         tmp = path.with_suffix(".tmp.onnx")
-        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         reduce_range=per_channel)
         os.replace(tmp, path)
     return path
 
@@ -270,10 +272,28 @@ def encoder_rows(names, runs, refs, threads, log):
 INT8_EXPERT = "all-MiniLM-L6-v2"
 
 
+def ctranslate2_int8(folder, folder_sha, name, threads):
+    """CTranslate2's int8 encoder of a Hugging Face folder (converted once, cached) -> ctranslate2.Encoder, or
+    None when ctranslate2 (an optional reference, not in any extra) is not installed."""
+    try:
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        return None
+    path = REPO / "cache" / "ct2" / f"{name}-{folder_sha[:12]}-int8"
+    if not path.is_dir():
+        tmp = path.with_name(path.name + ".tmp")
+        TransformersConverter(str(folder)).convert(str(tmp), quantization="int8", force=True)
+        os.replace(tmp, path)
+    return ctranslate2.Encoder(str(path), device="cpu", compute_type="int8", intra_threads=threads, inter_threads=1)
+
+
 def int8_rows(name, runs, refs, threads, log):
     """One expert on int8 weights at each shape: minislm int8 (encoder/quantize.py) against minislm float32 and,
-    with the references installed, ONNX Runtime's dynamic int8 and float32 models of the same export, timed
-    interleaved; and each int8 engine's cosine to float32, per token (mean, min) on the timed random ids."""
+    with the references installed, ONNX Runtime's float32 model of the export and two `quantize_dynamic` models
+    of it (its defaults, and per channel in 7 bits), CTranslate2's int8 encoder when ctranslate2 is installed,
+    timed interleaved; and each int8 engine's cosine to float32,
+    per token (mean, min) on the timed random ids (minislm's for every hidden state, ORT's for the last)."""
     import numpy as np
 
     from minislm.encoder.quantize import hidden_cosines, layer_fidelity, linear_bytes, quantize_encoder
@@ -295,19 +315,32 @@ def int8_rows(name, runs, refs, threads, log):
         if can_ort:
             log(f"  {name}: ONNX Runtime float32 and dynamic int8 sessions for B{B} x T{T}")
             fp32_path = onnx_model(ref, expert.weights_sha256, name, B, T)
-            sess32, sess8 = ort_session(fp32_path, threads, ort), ort_session(onnx_int8_model(fp32_path), threads, ort)
             feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
-            engines["onnxruntime_fp32"] = lambda: sess32.run(None, feed)
-            engines["onnxruntime_int8"] = lambda: sess8.run(None, feed)
             ours32 = expert.encoder.forward(ids, mask)[-1:]
-            cos_mean, cos_min = hidden_cosines(ours32, sess8.run(None, feed)[0][None], mask)
-            row["onnxruntime_int8_last_layer_cosine"] = {"mean": float(cos_mean[0]), "min": float(cos_min[0])}
+            engines["onnxruntime_fp32"] = ort_session(fp32_path, threads, ort)
+            engines["onnxruntime_int8"] = ort_session(onnx_int8_model(fp32_path), threads, ort)
+            engines["onnxruntime_int8_per_channel"] = ort_session(onnx_int8_model(fp32_path, True), threads, ort)
+            for eng in ("onnxruntime_int8", "onnxruntime_int8_per_channel"):
+                cos_mean, cos_min = hidden_cosines(ours32, engines[eng].run(None, feed)[0][None], mask)
+                row[f"{eng}_last_layer_cosine"] = {"mean": float(cos_mean[0]), "min": float(cos_min[0])}
+            for eng in ("onnxruntime_fp32", "onnxruntime_int8", "onnxruntime_int8_per_channel"):
+                engines[eng] = lambda sess=engines[eng]: sess.run(None, feed)
+            ct2 = ctranslate2_int8(expert.folder, expert.weights_sha256, name, threads)
+            if ct2 is not None:
+                tokens = ids.tolist()
+                cos_mean, cos_min = hidden_cosines(
+                    ours32, np.asarray(ct2.forward_batch(tokens).last_hidden_state)[None], mask)
+                row["ctranslate2_int8_last_layer_cosine"] = {"mean": float(cos_mean[0]), "min": float(cos_min[0])}
+                engines["ctranslate2_int8"] = lambda: ct2.forward_batch(tokens)
         for eng, secs in interleaved(engines, runs).items():
             row[f"{eng}_s"] = secs
         row["int8_vs_fp32"] = row["minislm_fp32_s"] / row["minislm_int8_s"]
         if can_ort:
             row["int8_vs_onnxruntime_int8"] = row["onnxruntime_int8_s"] / row["minislm_int8_s"]
+            row["int8_vs_onnxruntime_int8_per_channel"] = row["onnxruntime_int8_per_channel_s"] / row["minislm_int8_s"]
             row["onnxruntime_int8_vs_fp32"] = row["onnxruntime_fp32_s"] / row["onnxruntime_int8_s"]
+        if "ctranslate2_int8_s" in row:
+            row["int8_vs_ctranslate2_int8"] = row["ctranslate2_int8_s"] / row["minislm_int8_s"]
         last = row["layers"][-1]
         log(f"  {name} int8 B{B}xT{T}: {row['int8_vs_fp32']:.2f}x minislm float32"
             + (f", {row['int8_vs_onnxruntime_int8']:.2f}x ONNX Runtime int8" if can_ort else "")
@@ -317,21 +350,36 @@ def int8_rows(name, runs, refs, threads, log):
 
 
 def int8_markdown(r):
-    lines = [f"int8 ({r['expert']}, {r['int8_path']} kernels; linear weights {r['linear_bytes_ratio']:.2f}x smaller):", "",
-             "| shape | minislm fp32 ms | minislm int8 ms | ORT fp32 ms | ORT int8 ms | int8 vs fp32 | vs ORT int8 "
-             "| cosine to fp32, last layer, mean / min: minislm int8 | ORT int8 |", "|---|---|---|---|---|---|---|---|---|"]
+    def ms(x):
+        return fmt(x and 1000 * x, ".1f")
+
+    def cos(c):
+        return f"{fmt(c.get('mean'), '.4f')} / {fmt(c.get('min'), '.4f')}"
+
+    lines = [f"int8 ({r['expert']}, {r['int8_path']} kernels; linear weights {r['linear_bytes_ratio']:.2f}x smaller). "
+             f"ORT int8: quantize_dynamic's defaults (per-tensor weights, embeddings too); ORT int8 pc: per channel, "
+             f"7 bits (minislm's weight scheme); CT2: CTranslate2's int8 encoder, when installed. Cosine: each token's "
+             f"last hidden state to minislm float32's, "
+             f"mean / min.", "",
+             "| shape | minislm fp32 ms | minislm int8 ms | ORT fp32 ms | ORT int8 ms | ORT int8 pc ms | CT2 int8 ms "
+             "| int8 vs fp32 | vs ORT int8 | vs ORT int8 pc | vs CT2 int8 | cosine minislm int8 | ORT int8 | ORT int8 pc "
+             "| CT2 int8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label in SHAPES:
         g = r[label].get
-        last, ort_cos = r[label]["layers"][-1], g("onnxruntime_int8_last_layer_cosine") or {}
-        lines.append(f"| {label} | {1000 * g('minislm_fp32_s'):.1f} | {1000 * g('minislm_int8_s'):.1f} "
-                     f"| {fmt(g('onnxruntime_fp32_s') and 1000 * g('onnxruntime_fp32_s'), '.1f')} "
-                     f"| {fmt(g('onnxruntime_int8_s') and 1000 * g('onnxruntime_int8_s'), '.1f')} "
-                     f"| {g('int8_vs_fp32'):.2f}x | {fmt(g('int8_vs_onnxruntime_int8'), '.2f')}x "
+        last = r[label]["layers"][-1]
+        lines.append(f"| {label} | {ms(g('minislm_fp32_s'))} | {ms(g('minislm_int8_s'))} | {ms(g('onnxruntime_fp32_s'))} "
+                     f"| {ms(g('onnxruntime_int8_s'))} | {ms(g('onnxruntime_int8_per_channel_s'))} "
+                     f"| {ms(g('ctranslate2_int8_s'))} | {g('int8_vs_fp32'):.2f}x "
+                     f"| {fmt(g('int8_vs_onnxruntime_int8'), '.2f')}x "
+                     f"| {fmt(g('int8_vs_onnxruntime_int8_per_channel'), '.2f')}x "
+                     f"| {fmt(g('int8_vs_ctranslate2_int8'), '.2f')}x "
                      f"| {last['cosine_mean']:.4f} / {last['cosine_min']:.4f} "
-                     f"| {fmt(ort_cos.get('mean'), '.4f')} / {fmt(ort_cos.get('min'), '.4f')} |")
-    cos = " ".join(f"{x['cosine_mean']:.4f}" for x in r["b32_t128"]["layers"])
+                     f"| {cos(g('onnxruntime_int8_last_layer_cosine') or {})} "
+                     f"| {cos(g('onnxruntime_int8_per_channel_last_layer_cosine') or {})} "
+                     f"| {cos(g('ctranslate2_int8_last_layer_cosine') or {})} |")
+    per_layer = " ".join(f"{x['cosine_mean']:.4f}" for x in r["b32_t128"]["layers"])
     return "\n".join(lines + ["", f"minislm int8 per-layer mean cosine to fp32 (embeddings, then each layer; B32xT128 "
-                                  f"random ids): {cos}"]) + "\n"
+                                  f"random ids): {per_layer}"]) + "\n"
 
 
 MEMORY_SNIPPET = r"""
