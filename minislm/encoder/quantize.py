@@ -6,7 +6,8 @@
     int8_tensors(enc)        -> the tensors of a safetensors file: Hugging Face names for the float32 ones, and
                              for each Linear `<module>.weight_codes` int8 [out, in] + `<module>.weight_scales` [out]
     read_int8_weights(f)     that file back, every tensor's name, shape and dtype checked (folder.py's rules)
-    hidden_cosines(...)      per layer, the cosine of int8 hidden states to float32 ones over real tokens
+    hidden_cosines(a, b, m)  per hidden state, the cosine of each real token's vector in b to a's: mean and min
+    layer_fidelity(...)      both encoders on one batch -> those cosines and the largest difference, per layer
 
 q, k and v are quantized and stored apart, as the checkpoint names them; per-output-channel scales make that
 the same as quantizing the stacked [3H, H] matrix, so the encoder stacks their codes on load.

@@ -93,17 +93,17 @@ class Team:
         if key not in self._experts:
             want = self.expected_sha256.get(name)
             e = quantized.saved_int8(name, want) if self.int8 and name not in self.deltas else None
-            if e is None:
-                e = self._float32_expert(name)
-                if self.int8:
-                    t = time.perf_counter()
-                    e = quantized.int8_of(e)
-                    self._say(f"{short(name)}: quantized to int8 in memory ({time.perf_counter() - t:.2f} s; "
-                              + ("adapted weights have no int8 folder)" if name in self.deltas else
-                                 f"`{registry.QUANTIZE_COMMAND} {name}` saves it)" if name in registry.EXPERTS else
-                                 "a folder's own model)"))
-            elif self.int8:
+            if e is not None:
                 self._say(f"{short(name)}: int8 weights from {e.folder}")
+            elif not self.int8:
+                e = self._float32_expert(name)
+            else:  # no int8 folder (an adapted expert, a folder of one's own, or not quantized yet): make it now
+                t = time.perf_counter()
+                e = quantized.int8_of(self._float32_expert(name))
+                how = ("adapted weights have no int8 folder" if name in self.deltas else
+                       f"`{registry.QUANTIZE_COMMAND} {name}` saves it" if name in registry.EXPERTS else
+                       "a folder's own model")
+                self._say(f"{short(name)}: quantized to int8 in memory ({time.perf_counter() - t:.2f} s; {how})")
             self._experts[key] = e
         return self._experts[key]
 
@@ -112,6 +112,7 @@ class Team:
             self.log(message)
 
     def _float32_expert(self, name):
+        """The float32 encoder `name` (adapted when the team holds a delta for it), checked."""
         if (name, False) in self._experts:
             return self._experts[name, False]
         e = load_expert(name)
