@@ -5,7 +5,9 @@ scaled_dot_product_attention; (c) each expert's encoder throughput at batch 32 x
 1 x 32 for minislm, transformers (eager) and ONNX Runtime (the transformers model exported at bench time);
 (d) peak resident memory of each engine at batch 32 x 128, each measured in a fresh process; (e) the CPU,
 its vector extensions, thread counts and library versions; with --workload, (f) docs/s extracting pooled
-features of the AG News test split with real lengths, minislm vs transformers. Medians of several timed
+features of the AG News test split with real lengths, minislm vs transformers; (g) all-MiniLM-L6-v2 on int8
+weights at both shapes: minislm int8 vs minislm float32 and vs ONNX Runtime's `quantize_dynamic` model of the
+same export, with each int8 engine's cosine to float32 (`--int8-only` runs just this part). Medians of several timed
 runs after a warm-up; every ratio uses references measured in the same run. torch, transformers,
 onnxruntime and onnxscript come from the `bench` extra; the output says which references are missing.
 
@@ -175,8 +177,8 @@ class TorchEncoder:
                               attention_mask=self.torch.from_numpy(mask.astype("int64"))).last_hidden_state
 
 
-def onnx_session(enc, folder_sha, name, B, T, threads, ort):
-    """Export the transformers model for a fixed [B, T] (torch.onnx, dynamo exporter), cached, and open it."""
+def onnx_model(enc, folder_sha, name, B, T):
+    """Export the transformers model for a fixed [B, T] (torch.onnx, dynamo exporter), cached -> its path."""
     import numpy as np
 
     path = REPO / "cache" / "onnx" / f"{name}-{folder_sha[:12]}-b{B}-t{T}.onnx"
@@ -189,10 +191,34 @@ def onnx_session(enc, folder_sha, name, B, T, threads, ort):
         tmp = path.with_suffix(".tmp.onnx")
         prog.save(str(tmp))
         os.replace(tmp, path)
+    return path
+
+
+def onnx_int8_model(fp32_path, per_channel=False):
+    """ONNX Runtime's dynamic quantization of an exported model, cached beside it -> its path. Defaults: int8
+    weights per tensor (the Gather of the embeddings quantized too), uint8 activations quantized on every call.
+    per_channel: weights per output channel in 7 bits (reduce_range), minislm's own weight scheme."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = fp32_path.with_name(fp32_path.stem + ("-int8-per-channel.onnx" if per_channel else "-int8-dynamic.onnx"))
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp.onnx")
+        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         reduce_range=per_channel)
+        os.replace(tmp, path)
+    return path
+
+
+def ort_session(path, threads, ort):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_session(enc, folder_sha, name, B, T, threads, ort):
+    """The exported model for a fixed [B, T] (onnx_model), opened."""
+    return ort_session(onnx_model(enc, folder_sha, name, B, T), threads, ort)
 
 
 def encoder_rows(names, runs, refs, threads, log):
@@ -241,6 +267,119 @@ def encoder_rows(names, runs, refs, threads, log):
             + "".join(f", {e} {row[e + '_seq_per_s']:.1f}" for e in ("torch", "onnxruntime") if e + "_seq_per_s" in row))
         rows.append(row)
     return rows
+
+
+INT8_EXPERT = "all-MiniLM-L6-v2"
+
+
+def ctranslate2_int8(folder, folder_sha, name, threads):
+    """CTranslate2's int8 encoder of a Hugging Face folder (converted once, cached) -> ctranslate2.Encoder, or
+    None when ctranslate2 (an optional reference, not in any extra) is not installed."""
+    try:
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        return None
+    path = REPO / "cache" / "ct2" / f"{name}-{folder_sha[:12]}-int8"
+    if not path.is_dir():
+        tmp = path.with_name(path.name + ".tmp")
+        TransformersConverter(str(folder)).convert(str(tmp), quantization="int8", force=True)
+        os.replace(tmp, path)
+    return ctranslate2.Encoder(str(path), device="cpu", compute_type="int8", intra_threads=threads, inter_threads=1)
+
+
+def int8_rows(name, runs, refs, threads, log):
+    """One expert on int8 weights at each shape: minislm int8 (encoder/quantize.py) against minislm float32 and,
+    with the references installed, ONNX Runtime's float32 model of the export and two `quantize_dynamic` models
+    of it (its defaults, and per channel in 7 bits), CTranslate2's int8 encoder when ctranslate2 is installed,
+    timed interleaved; and each int8 engine's cosine to float32,
+    per token (mean, min) on the timed random ids (minislm's for every hidden state, ORT's for the last)."""
+    import numpy as np
+
+    from minislm.encoder.quantize import hidden_cosines, layer_fidelity, linear_bytes, quantize_encoder
+    from minislm.experts import load_expert
+    from minislm.kernels import int8
+
+    torch, ort = refs["torch"], refs["onnxruntime"]
+    can_ort = all(refs[k] is not None for k in ("torch", "transformers", "onnxruntime", "onnxscript"))
+    expert = load_expert(name)
+    enc8 = quantize_encoder(expert.encoder)
+    ref = TorchEncoder(expert.folder, torch) if can_ort else None
+    out = {"expert": name, "int8_path": int8.PATH, "linear_bytes_ratio": linear_bytes(expert.encoder) / linear_bytes(enc8)}
+    rng = np.random.default_rng(0)
+    for label, (B, T) in SHAPES.items():
+        ids = rng.integers(1000, 20000, size=(B, T))
+        mask = np.ones((B, T), dtype=bool)
+        row = {"layers": layer_fidelity(expert.encoder, enc8, ids, mask)}
+        engines = {"minislm_fp32": lambda: expert.encoder.forward(ids, mask), "minislm_int8": lambda: enc8.forward(ids, mask)}
+        if can_ort:
+            log(f"  {name}: ONNX Runtime float32 and dynamic int8 sessions for B{B} x T{T}")
+            fp32_path = onnx_model(ref, expert.weights_sha256, name, B, T)
+            feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+            ours32 = expert.encoder.forward(ids, mask)[-1:]
+            engines["onnxruntime_fp32"] = ort_session(fp32_path, threads, ort)
+            engines["onnxruntime_int8"] = ort_session(onnx_int8_model(fp32_path), threads, ort)
+            engines["onnxruntime_int8_per_channel"] = ort_session(onnx_int8_model(fp32_path, True), threads, ort)
+            for eng in ("onnxruntime_int8", "onnxruntime_int8_per_channel"):
+                cos_mean, cos_min = hidden_cosines(ours32, engines[eng].run(None, feed)[0][None], mask)
+                row[f"{eng}_last_layer_cosine"] = {"mean": float(cos_mean[0]), "min": float(cos_min[0])}
+            for eng in ("onnxruntime_fp32", "onnxruntime_int8", "onnxruntime_int8_per_channel"):
+                engines[eng] = lambda sess=engines[eng]: sess.run(None, feed)
+            ct2 = ctranslate2_int8(expert.folder, expert.weights_sha256, name, threads)
+            if ct2 is not None:
+                tokens = ids.tolist()
+                cos_mean, cos_min = hidden_cosines(
+                    ours32, np.asarray(ct2.forward_batch(tokens).last_hidden_state)[None], mask)
+                row["ctranslate2_int8_last_layer_cosine"] = {"mean": float(cos_mean[0]), "min": float(cos_min[0])}
+                engines["ctranslate2_int8"] = lambda: ct2.forward_batch(tokens)
+        for eng, secs in interleaved(engines, runs).items():
+            row[f"{eng}_s"] = secs
+        row["int8_vs_fp32"] = row["minislm_fp32_s"] / row["minislm_int8_s"]
+        if can_ort:
+            row["int8_vs_onnxruntime_int8"] = row["onnxruntime_int8_s"] / row["minislm_int8_s"]
+            row["int8_vs_onnxruntime_int8_per_channel"] = row["onnxruntime_int8_per_channel_s"] / row["minislm_int8_s"]
+            row["onnxruntime_int8_vs_fp32"] = row["onnxruntime_fp32_s"] / row["onnxruntime_int8_s"]
+        if "ctranslate2_int8_s" in row:
+            row["int8_vs_ctranslate2_int8"] = row["ctranslate2_int8_s"] / row["minislm_int8_s"]
+        last = row["layers"][-1]
+        log(f"  {name} int8 B{B}xT{T}: {row['int8_vs_fp32']:.2f}x minislm float32"
+            + (f", {row['int8_vs_onnxruntime_int8']:.2f}x ONNX Runtime int8" if can_ort else "")
+            + f"; last layer cosine mean {last['cosine_mean']:.4f} min {last['cosine_min']:.4f}")
+        out[label] = row
+    return out
+
+
+def int8_markdown(r):
+    def ms(x):
+        return fmt(x and 1000 * x, ".1f")
+
+    def cos(c):
+        return f"{fmt(c.get('mean'), '.4f')} / {fmt(c.get('min'), '.4f')}"
+
+    lines = [f"int8 ({r['expert']}, {r['int8_path']} kernels; linear weights {r['linear_bytes_ratio']:.2f}x smaller). "
+             f"ORT int8: quantize_dynamic's defaults (per-tensor weights, embeddings too); ORT int8 pc: per channel, "
+             f"7 bits (minislm's weight scheme); CT2: CTranslate2's int8 encoder, when installed. Cosine: each token's "
+             f"last hidden state to minislm float32's, "
+             f"mean / min.", "",
+             "| shape | minislm fp32 ms | minislm int8 ms | ORT fp32 ms | ORT int8 ms | ORT int8 pc ms | CT2 int8 ms "
+             "| int8 vs fp32 | vs ORT int8 | vs ORT int8 pc | vs CT2 int8 | cosine minislm int8 | ORT int8 | ORT int8 pc "
+             "| CT2 int8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label in SHAPES:
+        g = r[label].get
+        last = r[label]["layers"][-1]
+        lines.append(f"| {label} | {ms(g('minislm_fp32_s'))} | {ms(g('minislm_int8_s'))} | {ms(g('onnxruntime_fp32_s'))} "
+                     f"| {ms(g('onnxruntime_int8_s'))} | {ms(g('onnxruntime_int8_per_channel_s'))} "
+                     f"| {ms(g('ctranslate2_int8_s'))} | {g('int8_vs_fp32'):.2f}x "
+                     f"| {fmt(g('int8_vs_onnxruntime_int8'), '.2f')}x "
+                     f"| {fmt(g('int8_vs_onnxruntime_int8_per_channel'), '.2f')}x "
+                     f"| {fmt(g('int8_vs_ctranslate2_int8'), '.2f')}x "
+                     f"| {last['cosine_mean']:.4f} / {last['cosine_min']:.4f} "
+                     f"| {cos(g('onnxruntime_int8_last_layer_cosine') or {})} "
+                     f"| {cos(g('onnxruntime_int8_per_channel_last_layer_cosine') or {})} "
+                     f"| {cos(g('ctranslate2_int8_last_layer_cosine') or {})} |")
+    per_layer = " ".join(f"{x['cosine_mean']:.4f}" for x in r["b32_t128"]["layers"])
+    return "\n".join(lines + ["", f"minislm int8 per-layer mean cosine to fp32 (embeddings, then each layer; B32xT128 "
+                                  f"random ids): {per_layer}"]) + "\n"
 
 
 MEMORY_SNIPPET = r"""
@@ -389,7 +528,21 @@ def markdown(r):
               f"(with BLAS dispatch: {fmt(r.get('l6_blas_dispatch_vs_onnxruntime'), '.2f')}), "
               f"gemm_vs_blas = {r['gemm_vs_blas']:.2f} (the encoder's matmul backend: {r.get('matmul_backend')}; "
               f"BLAS dispatch hands products of >= 256 rows to numpy's BLAS)"]
+    if r.get("int8"):
+        lines += ["", int8_markdown(r["int8"]).rstrip("\n"), "",
+                  f"int8_l6_vs_fp32 = {fmt(r.get('int8_l6_vs_fp32'), '.2f')}, int8_l6_vs_onnxruntime_int8 = "
+                  f"{fmt(r.get('int8_l6_vs_onnxruntime_int8'), '.2f')} (B32xT128 throughput; B1xT32 latency: "
+                  f"{fmt(r.get('int8_l6_latency_vs_fp32'), '.2f')}, {fmt(r.get('int8_l6_latency_vs_onnxruntime_int8'), '.2f')})"]
     return "\n".join(lines) + "\n"
+
+
+def set_int8_keys(result):
+    """The headline int8 ratios: throughput at B32 x T128 (int8_l6_vs_*), latency at B1 x T32 (*_latency_*)."""
+    big, small = result["int8"]["b32_t128"], result["int8"]["b1_t32"]
+    result["int8_l6_vs_fp32"] = big["int8_vs_fp32"]
+    result["int8_l6_vs_onnxruntime_int8"] = big.get("int8_vs_onnxruntime_int8")
+    result["int8_l6_latency_vs_fp32"] = small["int8_vs_fp32"]
+    result["int8_l6_latency_vs_onnxruntime_int8"] = small.get("int8_vs_onnxruntime_int8")
 
 
 def main(argv=None):
@@ -407,8 +560,9 @@ def main(argv=None):
     ap.add_argument("--workload", action="store_true", help="also time feature extraction on AG News test texts")
     ap.add_argument("--workload-rows", type=int, default=7600, help="AG News test rows for --workload")
     ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_* variables of the environment")
+    ap.add_argument("--int8-only", action="store_true", help=f"only the int8 part ({INT8_EXPERT}), e.g. with --runs 3")
     ap.add_argument("--encoder-row", help=argparse.SUPPRESS)  # internal: one expert's timings, as JSON
-    ap.add_argument("--section", choices=["gemm", "attention"], help=argparse.SUPPRESS)  # internal, as JSON
+    ap.add_argument("--section", choices=["gemm", "attention", "int8"], help=argparse.SUPPRESS)  # internal, as JSON
     args = ap.parse_args(argv)
 
     # The references are imported before Numba starts its OpenMP threads: torch started second would run its
@@ -431,7 +585,10 @@ def main(argv=None):
         print(json.dumps(encoder_rows([args.encoder_row], args.runs, refs, threads, log)[0]))
         return 0
     if args.section:
-        rows = gemm_rows(args.runs) if args.section == "gemm" else attention_rows(args.runs, refs["torch"])
+        if args.section == "int8":
+            rows = int8_rows(INT8_EXPERT, args.runs, refs, threads, log)
+        else:
+            rows = gemm_rows(args.runs) if args.section == "gemm" else attention_rows(args.runs, refs["torch"])
         print(json.dumps(rows))
         return 0
     removed = [v for v in os.environ.get("MINISLM_BENCH_REMOVED", "").split(",") if v]
@@ -445,6 +602,16 @@ def main(argv=None):
                            **{k: getattr(v, "__version__", "?") for k, v in refs.items() if v is not None}}}
     # Each section runs in a fresh process: one library's idle thread pool (OpenBLAS, torch's OpenMP,
     # ONNX Runtime) left spinning in a process makes the next library's timings meaningless on two cores.
+    if args.int8_only:
+        log(f"int8 ({INT8_EXPERT}, a fresh process)")
+        result["int8"] = in_fresh_process(["--section", "int8", "--runs", str(args.runs)])
+        set_int8_keys(result)
+        table = f"CPU: {result['cpu']['model']}; threads: {threads}\n\n" + int8_markdown(result["int8"])
+        print(table)
+        if args.out:
+            write_json(args.out, result)
+            write_text(os.path.splitext(args.out)[0] + ".md", table)
+        return 0
     log("GEMM")
     result["gemm"] = in_fresh_process(["--section", "gemm", "--runs", str(args.runs)])
     log("attention")
@@ -453,6 +620,10 @@ def main(argv=None):
     result["encoders"] = []
     for name in args.experts:
         result["encoders"].append(in_fresh_process(["--encoder-row", name, "--runs", str(args.runs)]))
+    if INT8_EXPERT in args.experts:
+        log(f"int8 ({INT8_EXPERT}, a fresh process)")
+        result["int8"] = in_fresh_process(["--section", "int8", "--runs", str(args.runs)])
+        set_int8_keys(result)
     log("memory (fresh processes)")
     result["memory"] = memory_rows(args.experts, refs, threads)
     if args.workload:

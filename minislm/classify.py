@@ -4,6 +4,9 @@ Texts come from the arguments, from --file (one text per line, or a column of a 
 or from standard input. Every text starts at the near-free lexical tier and escalates to bigger experts only
 while the answer is not confident enough, so easy texts cost almost nothing.
 
+--int8 runs the encoders on int8 weights (their `<name>-int8` folders from `python -m minislm.weights quantize`,
+or quantized in memory when a folder is absent, as stderr says); the heads read their features unchanged.
+
 Answers stream: texts are read and classified --batch-size at a time and each batch's answers are printed,
 in input order, as soon as it is done, so Ctrl-C or a closed pipe (`| head`) keeps every answer printed.
 Exit codes: 0 ok, 2 usage or input errors, 1 other failures, 130 interrupted.
@@ -99,8 +102,9 @@ def chunks(it, n):
         yield chunk
 
 
-def load_team(path):
-    """Checkpoint folder -> Team, fetching (or repairing) the pretrained encoders it needs on first use."""
+def load_team(path, int8=False):
+    """Checkpoint folder -> Team, fetching (or repairing) the pretrained encoders it needs on first use; with int8
+    its encoders run on int8 weights (Team.use_int8, saying on stderr where each came from)."""
     from minislm.experts import fetch, registry
     from minislm.team import CheckpointError, Team
 
@@ -110,7 +114,10 @@ def load_team(path):
             if now != "prepared":
                 print(f"fetching {name} ({'first use' if now == 'missing' else now}) ...", file=sys.stderr)
                 fetch.fetch([name], progress=lambda s: print(s, file=sys.stderr))
-        return Team.load(path)
+        team = Team.load(path)
+        if int8:
+            team.use_int8(log=lambda s: print(s, file=sys.stderr))
+        return team
     except CheckpointError as e:
         raise InputError(str(e)) from e
 
@@ -145,6 +152,8 @@ def answer_batch(team, batch, args):
                "probabilities": {n: round(float(p), 4) for n, p in zip(names, probs[j])},
                "exit_tier": k, "experts": info["experts"][j], "flops": float(info["flops"][j]),
                "batch_ms": round(ms, 2), "batch_rows": len(texts), "reason": info["reason"][j]}
+        if team.int8:
+            row["precision"] = "int8"
         if note:
             row["note"] = note
         if args.explain:
@@ -165,6 +174,8 @@ def parser():
     ap.add_argument("--tier", type=int, help="run at most this tier (0 = lexical only)")
     ap.add_argument("--max-flops", type=float, help="FLOP budget per text")
     ap.add_argument("--batch-size", type=int, default=64, help="texts classified (and printed) together")
+    ap.add_argument("--int8", action="store_true", help="run the encoders on int8 weights (python -m minislm.weights "
+                                                        "quantize writes them; else quantized in memory)")
     big = ap.add_argument_group("corpus scale (with --file; minislm.stream, minislm.distributed)")
     big.add_argument("--out", help="write the answers to this .parquet / .csv / .jsonl file in chunks, resumable")
     big.add_argument("--id-column", help="a column of the input carried into every output row")
@@ -184,6 +195,9 @@ def run_corpus(args):
     if args.chunk_size < 1 or args.workers < 1:
         raise InputError("--chunk-size and --workers must be at least 1")
     if args.ray:
+        if args.int8:
+            raise InputError("--int8 is not supported with --ray yet; run without --ray (one process streams --out "
+                             "with --int8) or without --int8")
         from minislm import distributed
 
         summary = distributed.classify_ray(args.file, args.out, args.model, args.column, args.id_column,
@@ -192,7 +206,7 @@ def run_corpus(args):
     else:
         from minislm import stream
 
-        team = load_team(args.model)
+        team = load_team(args.model, args.int8)
         check_numbers(args, team)
         summary = stream.run_stream(args.file, args.out, args.model, text_column=args.column,
                                     id_column=args.id_column, chunk_size=args.chunk_size, max_tier=args.tier,
@@ -215,7 +229,7 @@ def main(argv=None):
             if not args.out:
                 raise InputError("--ray needs --out (the Parquet file or folder to write)")
             return run_corpus(args)
-        team = load_team(args.model)
+        team = load_team(args.model, args.int8)
         check_numbers(args, team)
         held, any_text, seen = [], False, 0  # skipped rows wait until a real text shows the input is usable
         for batch in chunks(items(text_source(args)), args.batch_size):

@@ -1,16 +1,19 @@
-"""`python -m minislm.weights {fetch,list,verify}`: prepare the pretrained experts and check they are intact.
+"""`python -m minislm.weights {fetch,list,verify,quantize}`: prepare the pretrained experts and check they are intact.
 
-    fetch    download, verify, convert and place every expert not yet prepared; repairs a damaged folder
-    list     each expert and its state (prepared, damaged, missing), by the cheap check (sizes, mtimes)
-    verify   hash every byte of every prepared folder against its manifest; exit 2 if any is damaged
-Exit codes: 0 ok, 2 usage errors or a damaged folder, 1 a failed download.
+    fetch     download, verify, convert and place every expert not yet prepared; repairs a damaged folder
+    list      each expert and its state (prepared, damaged, missing), by the cheap check (sizes, mtimes)
+    verify    hash every byte of every prepared folder against its manifest; exit 2 if any is damaged
+    quantize  write an expert's int8 version, <name>-int8/ beside it (minislm.experts.quantized)
+list and verify include the int8 folders that exist.
+Exit codes: 0 ok, 2 usage errors, a damaged folder or an expert to quantize that is not prepared,
+1 a failed download.
 """
 import sys
 from pathlib import Path
 
 from minislm.cli import Parser
 from minislm.experts import fetch as fetch_lib
-from minislm.experts import registry
+from minislm.experts import quantized, registry
 
 
 def main(argv=None):
@@ -22,6 +25,10 @@ def main(argv=None):
     sub.add_parser("list", help="show the experts and whether they are prepared")
     v = sub.add_parser("verify", help="hash every prepared file against its manifest")
     v.add_argument("--dest", help="the store to check (default: $MINISLM_WEIGHTS_DIR or weights/experts)")
+    q = sub.add_parser("quantize", help="write the int8 version of prepared experts (<name>-int8/ beside them)")
+    q.add_argument("names", nargs="+", metavar="NAME", help=f"experts to quantize ({', '.join(registry.ENCODERS)})")
+    q.add_argument("--dest", help="the store holding them (default: $MINISLM_WEIGHTS_DIR or weights/experts)")
+    q.add_argument("--force", action="store_true", help="write it again even if an intact one is there")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
@@ -31,26 +38,37 @@ def main(argv=None):
             for name, folder in fetch_lib.fetch(args.only, args.dest).items():
                 print(f"{name}: {folder}")
             return 0
+        if args.cmd == "quantize":
+            for name in args.names:
+                registry.source(name)
+            for name in args.names:
+                quantized.quantize_expert(name, args.dest, force=args.force)
+            return 0
         store = registry.weights_dir() if args.cmd == "list" or not args.dest else args.dest
         damaged = []
         for src in registry.EXPERTS.values():
-            folder = Path(store) / src.name
-            if args.cmd == "list":
-                state = registry.state(folder)
-            elif registry.read_manifest(folder) is None:
-                state = "missing"
-            else:
-                problems = registry.integrity_problems(folder, full=True)
-                state = "intact (every byte hashed)" if not problems else "damaged: " + "; ".join(problems)
-            if state.startswith("damaged"):
-                damaged.append(src.name)
-            hint = f"  -> run `{registry.FETCH_COMMAND}`" if state == "missing" or state.startswith("damaged") else ""
-            print(f"tier {src.tier}  {src.name:26s} {src.params_m:6.1f} M params  {state}  {folder}{hint}")
+            for name, remedy in ((src.name, registry.FETCH_COMMAND),
+                                 (registry.int8_name(src.name), f"{registry.QUANTIZE_COMMAND} {src.name}")):
+                folder = Path(store) / name
+                if name != src.name and not folder.exists():
+                    continue  # an int8 version is listed only once written
+                if args.cmd == "list":
+                    state = registry.state(folder)
+                elif registry.read_manifest(folder) is None:
+                    state = "missing" if name == src.name else f"damaged: no readable {registry.MANIFEST}"
+                else:
+                    problems = registry.integrity_problems(folder, full=True)
+                    state = "intact (every byte hashed)" if not problems else "damaged: " + "; ".join(problems)
+                if state.startswith("damaged"):
+                    damaged.append((name, remedy))
+                hint = f"  -> run `{remedy}`" if state == "missing" or state.startswith("damaged") else ""
+                print(f"tier {src.tier}  {name:26s} {src.params_m:6.1f} M params  {state}  {folder}{hint}")
         if damaged:
-            print(f"error: damaged (files changed since they were prepared): {', '.join(damaged)}; run "
-                  f"`{registry.FETCH_COMMAND}` to prepare them again", file=sys.stderr)
+            print(f"error: damaged (files changed since they were prepared): {', '.join(n for n, _ in damaged)}; run "
+                  + " and ".join(f"`{r}`" for r in dict.fromkeys(r for _, r in damaged)) + " to prepare them again",
+                  file=sys.stderr)
             return 2
-    except ValueError as e:
+    except (ValueError, registry.MissingExpertError) as e:  # a missing expert to quantize: fetch it first
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (fetch_lib.FetchError, OSError) as e:

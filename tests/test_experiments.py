@@ -21,8 +21,8 @@ def seeds(tmp_path_factory):
                  lexical={"n_buckets": 256, "epochs": 3, "lr": 1.0}, crossfit_below=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINISLM_CACHE_DIR", str(root / "cache"))
-        out = [seed_run.run_seed("toy", train, test, s, quick=True, log=lambda m: None, search_trials=1 - s, **small)[0]
-               for s in (0, 1)]
+        out = [seed_run.run_seed("toy", train, test, s, quick=True, log=lambda m: None, search_trials=1 - s, int8=True,
+                                 **small)[0] for s in (0, 1)]
     return out, test
 
 
@@ -142,8 +142,10 @@ def test_an_adapted_run_adds_its_rows_to_the_frozen_runs_file(seeds, tmp_path, m
 
     # both runs' seed files, then the protocol's results file holds the frozen rows and the adapted ones once
     monkeypatch.setattr(cli, "REPO", tmp_path)
-    for s, res in ((0, results[0]), (1, results[1])):
-        cli.write_json(cli.seed_file("toy", s, False, experts), res)
+    for s, res in ((0, results[0]), (1, results[1])):  # the frozen run without int8 rows, a --int8 run beside it
+        cli.write_json(cli.seed_file("toy", s, False, experts), dict(res, rows=[r for r in res["rows"]
+                                                                              if r["kind"] != "int8"]))
+    cli.write_json(cli.seed_file("toy", 0, False, experts, int8=True), results[0])
     cli.write_json(cli.seed_file("toy", 0, False, experts, adapt), adapted)
     monkeypatch.setattr(cli.aggregate, "plot", lambda result, path: False)
     train = seed_run_train()
@@ -151,7 +153,8 @@ def test_an_adapted_run_adds_its_rows_to_the_frozen_runs_file(seeds, tmp_path, m
     out = cli.write_results("toy", train, test, tmp_path, False, 0.0, experts)
     names = [r["name"] for r in out["rows"]]
     assert len(names) == len(set(names)) and f"lora-r4/{bert}" in names and bert in names
-    assert out["adapted_runs"][0]["seeds"] == [0] and out["seeds"] == [0, 1]
+    assert [r["seeds"] for r in out["adapted_runs"]] == [[0], [0]] and out["seeds"] == [0, 1]
+    assert sum(r["kind"] == "int8" for r in out["rows"]) == 3  # the two encoders and the cascade, once each
     assert sum(r.get("checkpoint", False) for r in out["rows"]) == 1
     pair = [a for a in out["ablations"] if a["isolates"] == "adapted vs frozen"]
     assert pair and pair[0]["row"] == f"lora-r4/{bert}" and pair[0]["compared_with"] == bert
@@ -160,3 +163,27 @@ def test_an_adapted_run_adds_its_rows_to_the_frozen_runs_file(seeds, tmp_path, m
 
 def seed_run_train():
     return toy(150, 0)
+
+
+def test_int8_rows_score_the_single_encoders_and_the_checkpoint_on_int8_weights(seeds):
+    results, test = seeds
+    rows = {r["name"]: r for r in results[0]["rows"]}
+    encoders = [n for n, r in rows.items() if r["kind"] == "single" and n != "lexical"]
+    int8 = {n: r for n, r in rows.items() if r["kind"] == "int8"}
+    assert set(int8) == {f"int8/{e}" for e in encoders} | {"int8/cascade/checkpoint"}
+    for name, r in int8.items():
+        ref = rows[r["float32_row"]]
+        assert r["float32_row"] == name.removeprefix("int8/")
+        assert r["gflops_per_sample"] == ref["gflops_per_sample"] and r["params"] == ref["params"]
+        assert len(r["preds"]) == len(test) and 0 <= r["val_accuracy"] <= 1
+        # the same heads on int8 features: mostly the same answers (tiny random encoders, so not all)
+        assert r["agreement"] == np.mean(np.array(r["preds"]) == np.array(ref["preds"])) and r["agreement"] > 0.5
+    assert abs(sum(int8["int8/cascade/checkpoint"]["exit_share"]) - 1) < 1e-9
+    # int8 rows are reported, never chosen, and the tables take them
+    agg, preds = aggregate.combine(results)
+    sel = aggregate.select(agg, preds, np.asarray(test.labels))
+    assert not sel["best_single"].startswith("int8/") and not sel["best_team"].startswith("int8/")
+    text = aggregate.markdown({"protocol": {"dataset": "toy"}, "seeds": [0, 1], "command": "test", "seconds": 1,
+                               "rows": agg, "selected": sel, "ablations": [],
+                               "composition_by_seed": [r["composition"] for r in results], "search": []})
+    assert "| int8 | int8/cascade/checkpoint |" in text

@@ -183,6 +183,43 @@ def test_cli_answers_and_explains(team, tmp_path, capsys):
     assert code == 0 and "tier" in out
 
 
+def test_cli_int8_runs_the_encoders_on_int8_weights(team, tmp_path, capsys):
+    """--int8: the same heads over int8 encoders (these folder experts are quantized in memory, said on stderr);
+    answers every text, close to the float32 answers but not equal to them."""
+    team, _ = team
+    saved = team.composition
+    team.composition = Composition.every_tier_fused(len(team.cfg.experts), [1.01] * (len(team.cfg.experts) - 1))
+    try:
+        team.save(tmp_path / "ckpt")  # a team whose every text runs every tier
+    finally:
+        team.composition = saved
+    texts = toy(12, 5).texts
+    code, out32, err = run_cli(capsys, "--model", str(tmp_path / "ckpt"), "--json", *texts)
+    assert code == 0, err
+    code, out8, err = run_cli(capsys, "--model", str(tmp_path / "ckpt"), "--json", "--int8", *texts)
+    assert code == 0, err
+    rows8 = [json.loads(line) for line in out8.splitlines()]
+    assert all(r["exit_tier"] == len(team.cfg.experts) - 1 for r in rows8)
+    assert err.count("quantized to int8 in memory") == len(team.cfg.encoders)
+    assert len(rows8) == len(texts) and all(r["precision"] == "int8" for r in rows8)
+    rows32 = [json.loads(line) for line in out32.splitlines()]
+    assert all("precision" not in r for r in rows32)
+    p32 = np.array([list(r["probabilities"].values()) for r in rows32])
+    p8 = np.array([list(r["probabilities"].values()) for r in rows8])
+    assert 0 < np.abs(p8 - p32).max() < 0.1, np.abs(p8 - p32).max()  # near float32's answers, not equal to them
+    # the team object switches back and forth; float32 is untouched by it
+    loaded = Team.load(tmp_path / "ckpt")
+    before, _ = loaded.predict_proba(texts)
+    loaded.use_int8()
+    assert all(loaded.expert(e).precision == "int8" for e in loaded.cfg.encoders)
+    np.testing.assert_allclose(loaded.predict_proba(texts)[0], p8, atol=1e-4)  # the CLI rounds to 4 digits
+    loaded.use_int8(False)
+    np.testing.assert_array_equal(loaded.predict_proba(texts)[0], before)
+    code, _, err = run_cli(capsys, "--model", str(tmp_path / "ckpt"), "--int8", "--ray", "--file", "x.parquet",
+                           "--out", str(tmp_path / "o.parquet"))
+    assert code == 2 and "--int8 is not supported with --ray" in err
+
+
 @pytest.mark.parametrize("case", ["no-text", "directory", "binary", "bad-utf8", "not-a-checkpoint", "all-empty"])
 def test_cli_bad_input_is_one_line_exit_2(team, tmp_path, capsys, monkeypatch, case):
     team, _ = team

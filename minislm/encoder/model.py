@@ -11,6 +11,9 @@ The two families differ only in the embeddings and the attention bias:
     MPNet  word + position counted over real tokens from pad_id + 1, then layer norm; every layer adds the
            same relative-position bias [N, T, T] (T5-style log-spaced buckets) to its attention scores
 Each layer is post-norm: a = LN(x + Attn(x)), y = LN(a + W2 GELU(W1 a)).
+
+The four linears of a layer hold either float32 weights (PackedWeight) or int8 ones (Int8Weight, made by
+quantize.py); `project` runs the kernel of whichever it holds. Everything else stays float32.
 """
 import math
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import numpy as np
 from minislm.encoder.folder import attention_names
 from minislm.kernels import attention, gelu, layer_norm, linear
 from minislm.kernels.attention import AttentionScratch
+from minislm.kernels.int8 import Int8Weight, linear_int8
 from minislm.kernels.matmul import PackedWeight, pack_weight
 
 MASK_VALUE = np.finfo(np.float32).min  # added to scores of padding keys: exactly zero weight after softmax
@@ -37,16 +41,17 @@ class EmbeddingWeights:
 
 @dataclass
 class LayerWeights:
-    # The four matrices are packed once for the matmul kernel (PackedWeight.unpack() gives [out, in] back).
-    qkv_w: PackedWeight    # [3H, H] query, key and value projections stacked: one matmul instead of three
+    # The four matrices are packed once for the matmul kernel (PackedWeight.unpack() gives [out, in] back), or
+    # quantized once for the int8 one (Int8Weight; an int8 encoder holds them in all four).
+    qkv_w: PackedWeight | Int8Weight  # [3H, H] query, key and value projections stacked: one matmul, not three
     qkv_b: np.ndarray      # [3H]
-    attn_out_w: PackedWeight  # [H, H]
+    attn_out_w: PackedWeight | Int8Weight  # [H, H]
     attn_out_b: np.ndarray  # [H]
     ln1_gamma: np.ndarray  # [H] layer norm after attention
     ln1_beta: np.ndarray   # [H]
-    ffn_in_w: PackedWeight  # [F, H]
+    ffn_in_w: PackedWeight | Int8Weight  # [F, H]
     ffn_in_b: np.ndarray   # [F]
-    ffn_out_w: PackedWeight  # [H, F]
+    ffn_out_w: PackedWeight | Int8Weight  # [H, F]
     ffn_out_b: np.ndarray  # [H]
     ln2_gamma: np.ndarray  # [H] layer norm after the feed-forward block
     ln2_beta: np.ndarray   # [H]
@@ -165,6 +170,14 @@ class Workspace:
                    attn=AttentionScratch(T, H // cfg.n_heads))
 
 
+def project(x, w, b, gelu=False, out=None, backend=None):
+    """x [M, K], w [N, K] (+ b [N]) -> [M, N]: one of a layer's linears, float32 (matmul.linear) for a PackedWeight,
+    int8 (int8.linear_int8: x quantized per row on the fly; `backend` does not apply) for an Int8Weight."""
+    if isinstance(w, Int8Weight):
+        return linear_int8(x, w, b, gelu=gelu, out=out)
+    return linear(x, w, b, gelu=gelu, out=out, backend=backend)
+
+
 def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False, backend=None, adapters=None):
     """One post-norm transformer layer.
 
@@ -172,7 +185,7 @@ def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False, backend=N
     With keep=True returns a dict of this layer's intermediates for a backward pass (minislm/encoder/backward.py):
     x and y are views of the caller's x and out, the rest copies (GELU's input kept unfused as ffn_pre; GELU's
     output is recomputed by the backward, one cheap pass instead of [B T, F] more floats kept); otherwise None.
-    backend: the matmul backend (kernels/matmul.py; None = its default).
+    backend: the matmul backend (kernels/matmul.py; None = its default) of float32 linears.
     adapters: None, or a dict from some of the linears' names ("qkv", "attn_out", "ffn_in", "ffn_out") to an
     object whose forward(x [M, K]) -> (delta [M, N], cache) is added to that linear's output before what follows
     it (a LoRA branch, minislm/experts/adapt.py); with keep their caches are kept under "adapters".
@@ -188,24 +201,24 @@ def layer_forward(cfg, lw, x, mask_add, pos_bias, out, ws, keep=False, backend=N
             delta, adapter_caches[name] = adapters[name].forward(inp)
             result += delta
 
-    linear(x2, lw.qkv_w, lw.qkv_b, out=ws.qkv, backend=backend)                                   # [M, 3H]
+    project(x2, lw.qkv_w, lw.qkv_b, out=ws.qkv, backend=backend)                                  # [M, 3H]
     add_adapter("qkv", x2, ws.qkv)
     attention(ws.qkv.reshape(B, T, 3 * H), mask_add, cfg.n_heads, pos_bias,
               out=ws.ctx.reshape(B, T, H), scratch=ws.attn)                      # [B, T, H]
-    linear(ws.ctx, lw.attn_out_w, lw.attn_out_b, out=ws.proj, backend=backend)                    # [M, H]
+    project(ws.ctx, lw.attn_out_w, lw.attn_out_b, out=ws.proj, backend=backend)                   # [M, H]
     add_adapter("attn_out", ws.ctx, ws.proj)
     layer_norm(ws.proj, lw.ln1_gamma, lw.ln1_beta, cfg.layer_norm_eps, residual=x2, out=ws.a)
     cache = None
     if keep or "ffn_in" in adapters:
-        pre = linear(ws.a, lw.ffn_in_w, lw.ffn_in_b, backend=backend)                             # [M, F] before GELU
+        pre = project(ws.a, lw.ffn_in_w, lw.ffn_in_b, backend=backend)                            # [M, F] before GELU
         add_adapter("ffn_in", ws.a, pre)
         gelu(pre, out=ws.h)
         if keep:
             cache = {"x": x2, "qkv": ws.qkv.copy(), "ctx": ws.ctx.copy(), "proj": ws.proj.copy(),
                      "a": ws.a.copy(), "ffn_pre": pre}
     else:
-        linear(ws.a, lw.ffn_in_w, lw.ffn_in_b, gelu=True, out=ws.h, backend=backend)              # [M, F], GELU fused
-    linear(ws.h, lw.ffn_out_w, lw.ffn_out_b, out=ws.f, backend=backend)                           # [M, H]
+        project(ws.a, lw.ffn_in_w, lw.ffn_in_b, gelu=True, out=ws.h, backend=backend)             # [M, F], GELU fused
+    project(ws.h, lw.ffn_out_w, lw.ffn_out_b, out=ws.f, backend=backend)                          # [M, H]
     add_adapter("ffn_out", ws.h, ws.f)
     out2 = out.reshape(M, H)
     layer_norm(ws.f, lw.ln2_gamma, lw.ln2_beta, cfg.layer_norm_eps, residual=ws.a, out=out2)
@@ -224,6 +237,11 @@ class Encoder:
         self.embeddings = embeddings  # EmbeddingWeights
         self.layers = layers          # list of L LayerWeights
         self.matmul_backend = matmul_backend  # "numba", "blas", "auto", or None = MINISLM_MATMUL / "numba"
+
+    @property
+    def precision(self):
+        """"int8" when the layers' linears hold Int8Weights (quantize.py), else "float32"."""
+        return "int8" if self.layers and isinstance(self.layers[0].qkv_w, Int8Weight) else "float32"
 
     def with_backend(self, matmul_backend):
         """The same weights (shared, not copied) run with another matmul backend."""
@@ -257,6 +275,9 @@ class Encoder:
         ids = np.asarray(ids, dtype=np.int64)
         mask = np.asarray(mask, dtype=bool)
         self.check_ids(ids, mask)
+        if keep is not False and self.precision == "int8":
+            raise ValueError("an int8 encoder runs inference only: its integer weights have no gradient; train "
+                             "(keep=...) on the float32 encoder and quantize the result")
         B, T = ids.shape
         kept = set(range(cfg.n_layers)) if keep is True else set(keep or ())
         hidden = np.empty((cfg.n_layers + 1, B, T, cfg.hidden), dtype=np.float32)

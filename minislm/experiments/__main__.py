@@ -4,6 +4,9 @@ Each protocol (minislm.data.PROTOCOLS) runs every row over --seeds (default 0 1 
 notebooks/results/<protocol>.json, a Markdown table and a PNG beside it. Every finished seed is kept in
 cache/experiments/<protocol>/seed-<s>.json, so an interrupted run resumes at the first unfinished seed
 (--fresh starts over). --quick trains every head for 3 epochs on one seed: a smoke run, not for results.
+--int8 adds the rows of kind "int8" (each encoder's single row and the checkpoint's cascade on int8 encoders);
+its seeds resume from their own folder, cache/experiments/<protocol>-int8/, as a finished seed keeps no team
+to score again.
 """
 import argparse
 import json
@@ -22,16 +25,17 @@ REPO = Path(__file__).resolve().parent.parent.parent
 PROTOCOLS = ("ag_news", "imdb", "dbpedia_14", "ag_news-1k", "imdb-1k")
 
 
-def run_dir(protocol, quick, experts=None, adapt=None):
-    """cache/experiments/<protocol>[-quick][-<experts>][-adapt-<label>...]: one run's finished seeds."""
+def run_dir(protocol, quick, experts=None, adapt=None, int8=False):
+    """cache/experiments/<protocol>[-quick][-<experts>][-adapt-<label>...][-int8]: one run's finished seeds."""
     tag = "" if not experts else "-" + "-".join(Path(e).name for e in experts)
     if adapt:
         tag += "-adapt-" + "-".join(f"{seed_run.adapt_tag(s)}-{Path(e).name}" for e, s in adapt.items())
+    tag += "-int8" if int8 else ""
     return REPO / "cache" / "experiments" / f"{protocol}{'-quick' if quick else ''}{tag}"
 
 
-def seed_file(protocol, seed, quick, experts=None, adapt=None):
-    return run_dir(protocol, quick, experts, adapt) / f"seed-{seed}.json"
+def seed_file(protocol, seed, quick, experts=None, adapt=None, int8=False):
+    return run_dir(protocol, quick, experts, adapt, int8) / f"seed-{seed}.json"
 
 
 def finished_seeds(folder):
@@ -41,30 +45,30 @@ def finished_seeds(folder):
 
 
 def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=False, save_model=None,
-                 search_trials=6, experts=None, log=print, adapt=None):
+                 search_trials=6, experts=None, log=print, adapt=None, int8=False):
     t0 = time.time()
     train, test = data.protocol_splits(protocol, data_dir)
     config = {**({"experts": list(experts)} if experts else {}), **({"adapt": adapt} if adapt else {})}
     for i, seed in enumerate(seeds):
-        f = seed_file(protocol, seed, quick, experts, adapt)
+        f = seed_file(protocol, seed, quick, experts, adapt, int8)
         if f.exists() and not fresh and not (save_model and i == 0):
             log(f"{protocol} seed {seed}: done before ({f})")
             continue
         log(f"{protocol} seed {seed}")
         res, team = seed_run.run_seed(protocol, train, test, seed, quick=quick, log=log,
-                                      search_trials=search_trials if i == 0 and not quick and not adapt else 0,
-                                      **config)
+                                      search_trials=search_trials if i == 0 and not quick and not adapt and not int8
+                                      else 0, int8=int8, **config)
         if save_model and i == 0:
             team.save(save_model, command=f"python -m minislm.experiments {protocol} --save-model {save_model}")
             log(f"saved {save_model}")
-        res["command"] = command(protocol, quick, experts, adapt)
+        res["command"] = command(protocol, quick, experts, adapt, int8)
         write_json(f, res)
         write_results(protocol, train, test, out_dir, quick, t0, experts)  # partial results land too
     return write_results(protocol, train, test, out_dir, quick, t0, experts)
 
 
-def command(protocol, quick, experts, adapt=None):
-    cmd = f"python -m minislm.experiments {protocol}" + (" --quick" if quick else "")
+def command(protocol, quick, experts, adapt=None, int8=False):
+    cmd = f"python -m minislm.experiments {protocol}" + (" --quick" if quick else "") + (" --int8" if int8 else "")
     cmd += f" --experts {' '.join(experts)}" if experts else ""
     if adapt:  # the command line gives every adapted expert the same settings
         s = next(iter(adapt.values()))
@@ -73,32 +77,33 @@ def command(protocol, quick, experts, adapt=None):
     return cmd
 
 
-def adapted_runs(protocol, quick, experts):
-    """-> [(folder, seed results)] of every run of this protocol and team with adapted experts."""
+def companion_runs(protocol, quick, experts):
+    """-> [(folder, seed results)] of every run of this protocol and team with adapted experts or --int8."""
     base = run_dir(protocol, quick, experts)
-    folders = sorted(base.parent.glob(base.name + "-adapt-*"))
+    folders = sorted([*base.parent.glob(base.name + "-adapt-*"), *base.parent.glob(base.name + "-int8")])
     return [(f, finished_seeds(f)) for f in folders if finished_seeds(f)]
 
 
 def write_results(protocol, train, test, out_dir, quick, t0, experts=None):
-    """Aggregate the finished seeds of the frozen run and of every adapted run of this protocol and team into
+    """Aggregate the finished seeds of the frozen run and of its companion runs (adapted experts, --int8) into
     notebooks/results/<protocol>.{json,md,png}. An adapted run adds its rows of kind `adapted` and every team
-    row that reads an adapted member (its other rows repeat the frozen run's)."""
+    row that reads an adapted member, an int8 run its rows of kind `int8` (their other rows repeat the frozen
+    run's)."""
     results = finished_seeds(run_dir(protocol, quick, experts))
     rows, preds = aggregate.combine(results) if results else ([], {})
     runs = []
-    for folder, seeds in adapted_runs(protocol, quick, experts):
+    for folder, seeds in companion_runs(protocol, quick, experts):
         a_rows, a_preds = aggregate.combine(seeds)
         labels = {r["name"].split("/", 1)[0] + "-" + seed_run.short(r["expert"]) for r in a_rows
                   if r["kind"] == "adapted"}
-        new = [r for r in a_rows if r["kind"] == "adapted" or any(lab in r["name"] for lab in labels)
+        new = [r for r in a_rows if r["kind"] in ("adapted", "int8") or any(lab in r["name"] for lab in labels)
                or not results]
         rows += new
         preds.update({r["name"]: a_preds[r["name"]] for r in new})
         runs.append({"run": folder.name, "seeds": [s["seed"] for s in seeds], "rows": [r["name"] for r in new],
                      "command": seeds[0].get("command"), "seconds": round(sum(s["seconds"] for s in seeds), 1)})
     if not results:  # only adapted runs so far: their first one stands in for the run's own records
-        results = adapted_runs(protocol, quick, experts)[0][1]
+        results = companion_runs(protocol, quick, experts)[0][1]
     y = np.asarray(test.labels)
     result = {
         "protocol": dict(train.protocol), "seeds": [r["seed"] for r in results],
@@ -137,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--adapt-lr", type=float, default=a("lr"))
     ap.add_argument("--adapt-epochs", type=int, default=a("epochs"))
     ap.add_argument("--adapt-max-len", type=int, default=a("max_len"))
+    ap.add_argument("--int8", action="store_true", help="a companion run adding rows of kind int8: the single "
+                                                        "encoders and the checkpoint's cascade on int8 encoders")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
@@ -155,7 +162,7 @@ def main(argv=None):
     for p in protocols:
         result = run_protocol(p, args.seeds, Path(args.out_dir), args.data_dir, args.quick, args.fresh,
                               args.save_model if len(protocols) == 1 else None, args.search_trials, args.experts,
-                              adapt=adapt or None)
+                              adapt=adapt or None, int8=args.int8)
         sel = result["selected"]
         print(f"{p}: best single {sel['best_single']}, best team {sel['best_team']} "
               f"({sel['difference_points']:+.2f} points, McNemar p = {sel['mcnemar_p']:.3g})")

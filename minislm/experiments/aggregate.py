@@ -102,7 +102,7 @@ def markdown(result):
              f"Validation accuracy, the only score choices read: {sel.get('validation', 'the validation split')}.", "",
              "| kind | name | test accuracy % (mean ± sd) | validation % | macro F1 % | GFLOPs / text | params (M) |",
              "|---|---|---|---|---|---|---|"]
-    order = "single adapted fusion cascade baseline ablation".split()
+    order = "single adapted fusion cascade int8 baseline ablation".split()
     for r in sorted(result["rows"], key=lambda r: (order.index(r["kind"]), -r["val_accuracy"])):
         mark = " (chosen)" if r["name"] in (sel["best_single"], sel["best_team"]) else ""
         mark += " (checkpoint)" if r.get("checkpoint") else ""
@@ -138,7 +138,8 @@ def plot(result, path):
     from minislm.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    marks = {"single": "o", "adapted": "D", "fusion": "s", "cascade": "*", "baseline": "^", "ablation": "x"}
+    marks = {"single": "o", "adapted": "D", "fusion": "s", "cascade": "*", "int8": "P", "baseline": "^",
+             "ablation": "x"}
     for kind, m in marks.items():
         rs = [r for r in result["rows"] if r["kind"] == kind]
         if rs:

@@ -5,6 +5,8 @@ from the cache (minislm.experts.features), so a seed costs only the heads. Every
 accuracy (the rows choices are made on) beside its test accuracy (never used for a choice), its cost, its
 parameters and its test predictions (for the paired statistics). A finished seed is written to
 cache/experiments/<protocol>/seed-<s>.json, so an interrupted run resumes at the first unfinished seed.
+With int8=True the table also holds rows of kind "int8": each encoder's single row and the checkpoint's
+cascade again, their encoders on int8 weights (int8_rows).
 """
 import dataclasses
 import time
@@ -117,8 +119,9 @@ def crossfit_validation(tab, rec, comp, cfg):
             row.update(val_basis=f"the {len(rec.y_val)}-row validation split", selectable=False)
 
 
-def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=0, **config):
-    """-> (dict with the seed's rows and records, the trained team). config: more TeamConfig fields."""
+def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=0, int8=False, **config):
+    """-> (dict with the seed's rows and records, the trained team). config: more TeamConfig fields; int8: also
+    the int8 rows."""
     t0 = time.time()
     tc = TrainConfig(seed=seed, epochs=3 if quick else TrainConfig.epochs)
     if config.get("adapt"):  # the seed moves the adaptation's data order and initialisation too
@@ -231,6 +234,8 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
                 cost.mean() / 1e9, params_of(list(cfg.experts)) + n_params(p),
                 run_share=dict(zip([short(e) for e in c.experts], chosen.mean(axis=0).tolist())))
 
+    if int8:
+        int8_rows(team, rec, test, tab, feats_test, p_lex_test, flops_test, log)
     if cfg.adapt:  # the run without --adapt holds the ablations and baselines; cascade rows name the adaptation
         suffix = f" ({', '.join(label(cfg, e) for e in cfg.adapt)})"
         for row in tab.rows:
@@ -246,6 +251,40 @@ def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=
     trials = search(team, rec, search_trials, seed, log) if search_trials else []
     return {"seed": seed, "rows": tab.rows, "composition": comp.record, "validation": team.metrics,
             "search": trials, "seconds": round(time.time() - t0, 1), "fit_seconds": round(fit_seconds, 1)}, team
+
+
+def int8_rows(team, rec, test, tab, feats_test, p_lex_test, flops_test, log):
+    """Each encoder's single row and the checkpoint's cascade again, with the encoders on int8 weights
+    (Team.use_int8: int8 folders, else quantized in memory) and everything else as trained: the heads read the
+    int8 features as they read float32 ones, as ONNX Runtime's dynamic quantization would serve them. GFLOPs
+    count the int8 multiply-adds like float32 ones; `agreement` is the share of test rows answered as the
+    float32 row answers them."""
+    cfg, comp = team.cfg, team.composition
+    by_name = {r["name"]: r for r in tab.rows}
+    feats_val8, feats_test8 = dict(rec.feats_val), dict(feats_test)
+    team.use_int8(log=lambda m: log("  int8 " + m))
+    try:
+        for name in cfg.encoders:
+            feats_test8[name] = team.standardized(name, team.encoder_features(name, test.texts, split=test.split))
+            feats_val8[name] = team.standardized(name, team.encoder_features(name, rec.texts_val))
+    finally:
+        team.use_int8(False)
+
+    def add(name, float32_row, val_accuracy, preds, **extra):
+        ref = by_name[float32_row]
+        row = tab.add(name, "int8", val_accuracy, preds, ref["gflops_per_sample"], ref["params"],
+                      float32_row=float32_row, **extra)
+        row["agreement"] = float(np.mean(np.asarray(row["preds"]) == np.asarray(ref["preds"])))
+        log(f"  {name}: test {row['accuracy']:.4f} (float32 {ref['accuracy']:.4f}), agreement {row['agreement']:.4f}")
+
+    for name in cfg.encoders:
+        add(f"int8/{name}", name, tab.val_acc(team.member_probs(name, feats_val8, rec.lexical_val)),
+            team.member_probs(name, feats_test8, p_lex_test))
+    _, preds_val, _ = cascade.simulate(team.tier_probs(feats_val8, rec.lexical_val), comp.thresholds,
+                                       team.tier_flops(rec.texts_val))
+    exit_tier, preds, _ = cascade.simulate(team.tier_probs(feats_test8, p_lex_test), comp.thresholds, flops_test)
+    add("int8/cascade/checkpoint", "cascade/checkpoint", float(np.mean(preds_val == rec.y_val)), preds,
+        exit_share=(np.bincount(exit_tier, minlength=len(comp.active)) / len(tab.y_test)).tolist())
 
 
 def single_head(team, rec, name, select, tag):

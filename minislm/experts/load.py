@@ -3,7 +3,11 @@
     expert = load_expert("all-MiniLM-L6-v2")         # one of the prepared experts (see registry.py)
     expert = load_expert("/path/to/any/bert-folder")  # or any HF BERT/MPNet folder
     vectors = expert.embed(["a sentence", "another"])  # [B, H], masked mean of the last layer
+    expert = load_expert("all-MiniLM-L6-v2-int8")    # its int8 version (`python -m minislm.weights quantize`)
+
+An int8 folder (experts/quantized.py writes it) is recognised by its quantized.json, by name or by path.
 """
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from minislm.encoder.config import EncoderConfig
-from minislm.encoder.folder import load_folder
+from minislm.encoder.folder import WeightsError, load_folder, read_config
+from minislm.encoder.quantize import encoder_from_int8_tensors, int8_identity, read_int8_weights
 from minislm.encoder.model import Encoder
 from minislm.encoder.pooling import pool_cls, pool_mean
 from minislm.encoder.tokenizer import Tokenizer
@@ -26,17 +31,28 @@ class Expert:
     tokenizer: Tokenizer
     encoder: Encoder
     _sha256: str | None = field(default=None, repr=False)
+    source_sha256: str | None = None  # int8: the weights_sha256 of the float32 weights it was quantized from
+
+    @property
+    def precision(self):
+        """"float32" or "int8" (the encoder's linears)."""
+        return self.encoder.precision
 
     @property
     def weights_sha256(self):
-        """sha256 of model.safetensors: the identity of these weights in caches and checkpoints (the
-        manifest's, checked at load, for a prepared expert; hashed on first use for a user's folder)."""
+        """The identity of these weights in caches and checkpoints: sha256 of model.safetensors (the manifest's,
+        checked at load, for a prepared expert; hashed on first use for a user's folder); for an int8 expert one
+        derived from its float32 source (encoder/quantize.py: int8_identity), folder or not."""
         if self._sha256 is None:
-            self._sha256 = registry.sha256_of(self.folder / "model.safetensors")
+            self._sha256 = (int8_identity(self.source_sha256) if self.source_sha256
+                            else registry.sha256_of(self.folder / "model.safetensors"))
         return self._sha256
 
     def rehash(self):
-        """Hash model.safetensors now, ignoring any recorded value -> sha256."""
+        """Hash model.safetensors now, ignoring any recorded value -> sha256 (an int8 expert's identity is
+        derived from its source's, which the team checks itself)."""
+        if self.source_sha256:
+            return self.weights_sha256
         self._sha256 = registry.sha256_of(self.folder / "model.safetensors")
         return self._sha256
 
@@ -66,6 +82,9 @@ def resolve_folder(name_or_path):
         raise TypeError(f"an expert is named by a string or a folder path, got {name_or_path!r}")
     if name_or_path in registry.EXPERTS:
         return name_or_path, registry.expert_dir(name_or_path)  # checked against its manifest
+    base = str(name_or_path).removesuffix(registry.INT8_SUFFIX)
+    if base != name_or_path and base in registry.EXPERTS:
+        return name_or_path, registry.int8_dir(base)           # likewise
     path = Path(name_or_path)
     if path.is_dir():
         return str(path), path
@@ -75,10 +94,34 @@ def resolve_folder(name_or_path):
 
 
 def load_expert(name_or_path):
-    """Registry name or folder -> Expert, every weight checked against config.json."""
+    """Registry name (or <name>-int8) or folder (float32 or int8) -> Expert, every weight checked against
+    config.json."""
     name, folder = resolve_folder(name_or_path)
+    if (Path(folder) / registry.INT8_META).is_file():
+        return load_int8_folder(name, folder)
     hf = load_folder(folder)
     cfg = hf.config
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json", max_len=cfg.max_tokens, pad_id=cfg.pad_id)
     return Expert(name=name, folder=Path(folder), config=cfg, tokenizer=tokenizer,
                   encoder=Encoder.from_params(cfg, hf.params), _sha256=registry.prepared_sha256(folder))
+
+
+def load_int8_folder(name, folder):
+    """An int8 folder (config.json, tokenizer.json, model-int8.safetensors, quantized.json) -> int8 Expert."""
+    folder = Path(folder)
+    meta_file = folder / registry.INT8_META
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        source_sha256 = meta["source"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{meta_file} does not say which float32 weights this int8 folder came from ({e}); "
+                           f"write it again with `{registry.QUANTIZE_COMMAND}`") from e
+    for f in ("config.json", "tokenizer.json", registry.INT8_WEIGHTS):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder / f} is missing: an int8 folder needs config.json, tokenizer.json and "
+                                    f"{registry.INT8_WEIGHTS}; write it again with `{registry.QUANTIZE_COMMAND}`")
+    cfg = read_config(folder)
+    encoder = encoder_from_int8_tensors(cfg, read_int8_weights(folder / registry.INT8_WEIGHTS, cfg))
+    tokenizer = Tokenizer.from_file(folder / "tokenizer.json", max_len=cfg.max_tokens, pad_id=cfg.pad_id)
+    return Expert(name=name, folder=folder, config=cfg, tokenizer=tokenizer, encoder=encoder,
+                  source_sha256=source_sha256)

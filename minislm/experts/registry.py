@@ -5,6 +5,9 @@ plus prepared.json, written last, the folder's manifest: for every file its size
 sha256, hashed when the folder was prepared. Loading re-checks it cheaply (sizes and mtimes; a file whose
 mtime moved is hashed again); `python -m minislm.weights verify` hashes every byte. A folder whose files no
 longer match is *damaged*: it is never used, and `python -m minislm.weights fetch` prepares it again.
+
+An expert's int8 version, written by `python -m minislm.weights quantize <name>` (experts/quantized.py), lives
+beside it in <weights_dir>/<name>-int8/, with a manifest of the same kind; `int8_dir` checks it the same way.
 """
 import hashlib
 import json
@@ -16,6 +19,10 @@ from minislm.atomic import write_json
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FETCH_COMMAND = "python -m minislm.weights fetch"
+QUANTIZE_COMMAND = "python -m minislm.weights quantize"
+INT8_SUFFIX = "-int8"  # <name>-int8: the int8 version of expert <name>, a folder beside it
+INT8_WEIGHTS = "model-int8.safetensors"  # an int8 folder's weights (encoder/quantize.py names its tensors)
+INT8_META = "quantized.json"             # what an int8 folder holds and which float32 weights it came from
 MANIFEST = "prepared.json"
 MANIFEST_VERSION = 2
 LEXICAL = "lexical"   # the team's from-scratch expert: trained per team, never fetched
@@ -159,10 +166,33 @@ def expert_dir(name, dest=None):
     return folder
 
 
-def prepared_sha256(folder):
-    """model.safetensors' sha256 recorded when the folder was prepared, or None (a user's own folder)."""
+def int8_name(name):
+    """Expert name -> the name of its int8 version."""
+    return name + INT8_SUFFIX
+
+
+def int8_dir(name, dest=None):
+    """The intact int8 folder of expert `name` (<store>/<name>-int8/), or an error naming the command that
+    writes it (MissingExpertError when there is none, DamagedExpertError when its files changed)."""
+    source(name)
+    folder = Path(dest or weights_dir()) / int8_name(name)
+    if read_manifest(folder) is None and folder.is_dir():
+        raise DamagedExpertError(f"the int8 version of {name!r} in {folder} has no readable {MANIFEST}; run "
+                                 f"`{QUANTIZE_COMMAND} {name}` to write it again")
+    if read_manifest(folder) is None:
+        raise MissingExpertError(f"expert {name!r} has no int8 version in {folder.parent}; run "
+                                 f"`{QUANTIZE_COMMAND} {name}` to write it")
+    problems = integrity_problems(folder)
+    if problems:
+        raise DamagedExpertError(f"the int8 version of {name!r} in {folder} is damaged ({'; '.join(problems)}); run "
+                                 f"`{QUANTIZE_COMMAND} {name}` to write it again")
+    return folder
+
+
+def prepared_sha256(folder, file="model.safetensors"):
+    """A weights file's sha256 recorded when the folder was prepared, or None (a user's own folder)."""
     m = read_manifest(folder)
     if m is None:
         return None
-    rec = m["files"].get("model.safetensors")
+    rec = m["files"].get(file)
     return rec["sha256"] if rec else None

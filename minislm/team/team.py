@@ -7,6 +7,7 @@
 Training lives beside it (training.py: `train_team`); the checkpoint format (checkpoint.py) knows only arrays
 and JSON, and the team assembles itself from them here (`to_state` / `from_state`).
 """
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from minislm.collab import model as collab
 from minislm.collab.model import CollabConfig
 from minislm.encoder.tokenizer import Tokenizer
 from minislm.experts import features as features_lib
-from minislm.experts import registry
+from minislm.experts import quantized, registry
 from minislm.experts.lexical import LexicalModel
 from minislm.experts.load import load_expert
 from minislm.flops import FlopLedger
@@ -57,7 +58,9 @@ class Team:
         self.deltas = {}                # expert -> (arrays, meta): what adaptation changed in it (adaptation.py)
         self.command = None             # the command that trained it
         self.training = None            # training.TrainingRecord of a team trained in this process (never saved)
-        self._experts = {}
+        self.int8 = False               # run the encoders on int8 weights (use_int8); the heads stay as trained
+        self.log = None                 # where use_int8 says how each int8 encoder was obtained
+        self._experts = {}              # (name, int8) -> loaded Expert
 
     # ---- experts and features ------------------------------------------------------------------------
     def required_experts(self):
@@ -77,25 +80,57 @@ class Team:
                                   f"checkpoint is damaged or from another version: train it again") from e
         return [n for n in dict.fromkeys(names) if isinstance(n, str) and n in registry.EXPERTS]
 
+    def use_int8(self, on=True, log=None):
+        """Run every encoder on int8 weights from now on (on=False: float32 again), as ONNX Runtime's dynamic
+        quantization would: the heads, trained on float32 features, read the int8 encoders' features unchanged.
+        Each expert comes from its int8 folder (`python -m minislm.weights quantize`) when there is one, else
+        it is quantized in memory; log(message) says which."""
+        self.int8, self.log = bool(on), log
+
     def expert(self, name):
-        """The loaded encoder `name`, checked to be the weights this team was trained with."""
-        if name not in self._experts:
-            e = load_expert(name)
+        """The loaded encoder `name`, checked to be the weights this team was trained with (int8 after use_int8)."""
+        key = (name, self.int8)
+        if key not in self._experts:
             want = self.expected_sha256.get(name)
-            if want and e.weights_sha256 != want and e.rehash() != want:  # re-hash: never trust a stale record
-                raise CheckpointError(f"this team was trained on {name} weights with sha256 {want[:12]}..., but "
-                                      f"{e.folder} holds {e.weights_sha256[:12]}...; train a new team for these "
-                                      f"weights or fetch the original ones (`{registry.FETCH_COMMAND}`)")
-            if name in self.deltas:  # an adapted expert: the stored change, merged onto its checked base
-                e = load_delta(e, *self.deltas[name])
-            self._experts[name] = e
-        return self._experts[name]
+            e = quantized.saved_int8(name, want) if self.int8 and name not in self.deltas else None
+            if e is not None:
+                self._say(f"{short(name)}: int8 weights from {e.folder}")
+            elif not self.int8:
+                e = self._float32_expert(name)
+            else:  # no int8 folder (an adapted expert, a folder of one's own, or not quantized yet): make it now
+                t = time.perf_counter()
+                e = quantized.int8_of(self._float32_expert(name))
+                how = ("adapted weights have no int8 folder" if name in self.deltas else
+                       f"`{registry.QUANTIZE_COMMAND} {name}` saves it" if name in registry.EXPERTS else
+                       "a folder's own model")
+                self._say(f"{short(name)}: quantized to int8 in memory ({time.perf_counter() - t:.2f} s; {how})")
+            self._experts[key] = e
+        return self._experts[key]
+
+    def _say(self, message):
+        if self.log is not None:
+            self.log(message)
+
+    def _float32_expert(self, name):
+        """The float32 encoder `name` (adapted when the team holds a delta for it), checked."""
+        if (name, False) in self._experts:
+            return self._experts[name, False]
+        e = load_expert(name)
+        want = self.expected_sha256.get(name)
+        if want and e.weights_sha256 != want and e.rehash() != want:  # re-hash: never trust a stale record
+            raise CheckpointError(f"this team was trained on {name} weights with sha256 {want[:12]}..., but "
+                                  f"{e.folder} holds {e.weights_sha256[:12]}...; train a new team for these "
+                                  f"weights or fetch the original ones (`{registry.FETCH_COMMAND}`)")
+        if name in self.deltas:  # an adapted expert: the stored change, merged onto its checked base
+            e = load_delta(e, *self.deltas[name])
+        return e
 
     def base_sha256(self, name):
         """sha256 of the pretrained weights under expert `name` (before any adaptation)."""
         if name in self.deltas:
             return self.deltas[name][1]["base_sha256"]
-        return self.expert(name).weights_sha256
+        e = self.expert(name)
+        return e.source_sha256 or e.weights_sha256  # an int8 expert: the float32 weights it came from
 
     def tokenizer(self):
         """The WordPiece tokenizer the lexical expert reads."""

@@ -222,7 +222,7 @@ def adapt_stage(team, train, fit_idx, val_idx, log):
         work = ADAPT_CACHE / f"{Path(name).name}-{base.weights_sha256[:12]}-{settings.method}-{team.cfg.seed}"
         adapted, delta, info = adapt(base, texts_fit, train.labels[fit_idx], texts_val, train.labels[val_idx],
                                      settings, log=log, work_dir=work)
-        team._experts[name], team.deltas[name] = adapted, delta
+        team._experts[name, False], team.deltas[name] = adapted, delta  # (name, int8) keys, see Team.expert
         team.metrics["adapt"][name] = info
 
 
