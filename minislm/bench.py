@@ -474,10 +474,10 @@ def workload_rows(names, n_rows, refs, log):
     return rows
 
 
-def in_fresh_process(args):
+def in_fresh_process(args, module="minislm.bench"):
     """Run one bench section in a new Python process (same environment) -> its JSON result."""
-    run = subprocess.run([sys.executable, "-m", "minislm.bench", *args, "--keep-blas-env"], capture_output=True,
-                         text=True)
+    extra = ["--keep-blas-env"] if module == "minislm.bench" else []
+    run = subprocess.run([sys.executable, "-m", module, *args, *extra], capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"bench section {' '.join(args)} failed: {run.stderr.strip().splitlines()[-1:]}")
     sys.stderr.write("".join(line + "\n" for line in run.stderr.splitlines() if line.startswith("  ")))
@@ -533,6 +533,14 @@ def markdown(r):
                   f"int8_l6_vs_fp32 = {fmt(r.get('int8_l6_vs_fp32'), '.2f')}, int8_l6_vs_onnxruntime_int8 = "
                   f"{fmt(r.get('int8_l6_vs_onnxruntime_int8'), '.2f')} (B32xT128 throughput; B1xT32 latency: "
                   f"{fmt(r.get('int8_l6_latency_vs_fp32'), '.2f')}, {fmt(r.get('int8_l6_latency_vs_onnxruntime_int8'), '.2f')})"]
+    if r.get("train_step"):
+        t = r["train_step"]
+        full, lora = t.get("l6_full_step_seconds", {}), t.get("l6_lora_step_seconds", {})
+        lines += ["", f"Training step of all-MiniLM-L6-v2 at {t.get('shape')} (forward + backward + AdamW): full "
+                      f"{fmt(full.get('minislm'), '.2f')} s vs torch {fmt(full.get('torch'), '.2f')} s, "
+                      f"l6_train_step_vs_torch = {fmt(r.get('l6_train_step_vs_torch'), '.2f')}; LoRA r8 "
+                      f"{fmt(lora.get('minislm'), '.2f')} s vs {fmt(lora.get('torch'), '.2f')} s, "
+                      f"l6_lora_step_vs_torch = {fmt(r.get('l6_lora_step_vs_torch'), '.2f')}"]
     return "\n".join(lines) + "\n"
 
 
@@ -560,6 +568,7 @@ def main(argv=None):
     ap.add_argument("--workload", action="store_true", help="also time feature extraction on AG News test texts")
     ap.add_argument("--workload-rows", type=int, default=7600, help="AG News test rows for --workload")
     ap.add_argument("--keep-blas-env", action="store_true", help="keep OPENBLAS_* variables of the environment")
+    ap.add_argument("--no-train-step", action="store_true", help="skip the training step (python -m minislm.bench_train)")
     ap.add_argument("--int8-only", action="store_true", help=f"only the int8 part ({INT8_EXPERT}), e.g. with --runs 3")
     ap.add_argument("--encoder-row", help=argparse.SUPPRESS)  # internal: one expert's timings, as JSON
     ap.add_argument("--section", choices=["gemm", "attention", "int8"], help=argparse.SUPPRESS)  # internal, as JSON
@@ -629,6 +638,12 @@ def main(argv=None):
     if args.workload:
         log("workload")
         result["workload"] = workload_rows(args.experts, args.workload_rows, refs, log)
+    if not args.no_train_step and refs["torch"] is not None and refs["transformers"] is not None:
+        log("training step of all-MiniLM-L6-v2, full and LoRA (python -m minislm.bench_train, a fresh process)")
+        result["train_step"] = in_fresh_process(["--runs", str(max(3, args.runs // 2)), "--threads", str(threads)],
+                                                module="minislm.bench_train")
+        result["l6_train_step_vs_torch"] = result["train_step"].get("l6_train_step_vs_torch")
+        result["l6_lora_step_vs_torch"] = result["train_step"].get("l6_lora_step_vs_torch")
     l6 = next((r for r in result["encoders"] if r["expert"] == "all-MiniLM-L6-v2"), {})
     result["l6_vs_torch"] = l6.get("vs_torch")
     result["l6_vs_onnxruntime"] = l6.get("vs_onnxruntime")

@@ -13,6 +13,7 @@ Both sides run with the same threads. The ratio is torch seconds / minislm secon
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -119,8 +120,9 @@ def main(argv=None):
     p.add_argument("--experts", nargs="+", default=["all-MiniLM-L6-v2"])
     a = p.parse_args(argv)
     t = time.perf_counter()
-    print(json.dumps(train_step_rows(a.experts, a.runs, a.threads), indent=1))
-    print(f"({time.perf_counter() - t:.0f} s)")
+    log = lambda m: print("  " + m, file=sys.stderr, flush=True)  # noqa: E731
+    print(json.dumps(train_step_rows(a.experts, a.runs, a.threads, log=log)))  # one line: bench.py reads it
+    print(f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":
