@@ -42,23 +42,30 @@ BATCH = classify_parser().get_default("batch_size")  # throughput runs in the ba
 WARMUP = 5               # texts served one by one (and one full batch) before anything is timed
 SHARED_CORES = 0.25      # other processes busy on this many cores on average: the numbers are from a shared machine
 SHARED_LOAD = 0.5        # ... or a 1-minute load average of this much per usable core when the run starts
-# int8 rows: the int8 linear (kernels/int8.py) is not yet wired into the experts (README, "What is left out").
-# When an expert can run on it, add its rows to `row_names` as "int8:<expert>" and serve them in `serve`.
-INT8 = "no int8 rows: the int8 linear kernel exists, but no expert runs on it yet"
+INT8 = "int8:"  # a row served with the encoders on int8 weights (Team.use_int8), the same heads
 
 
 def row_names(team):
-    """Every row this team can serve: its members alone, the fused head, the cascade."""
+    """Every row this team can serve: its members alone, the fused head, the cascade, and the encoders alone
+    and the cascade again on int8 encoders."""
     rows = [f"single:{e}" for e in team.cfg.experts if e == LEXICAL or e in team.singles]
-    return rows + (["fused"] if team.tiers[-1] is not None else []) + ["cascade"]
+    rows += (["fused"] if team.tiers[-1] is not None else []) + ["cascade"]
+    return rows + [INT8 + r for r in rows if r == "cascade" or (r.startswith("single:") and r != f"single:{LEXICAL}")]
+
+
+def base_row(row):
+    """"int8:single:L6" -> ("single:L6", True): the row's float32 form and whether it runs on int8 encoders."""
+    return (row[len(INT8):], True) if row.startswith(INT8) else (row, False)
 
 
 def pick_rows(team, asked):
     """--rows as typed (a row's name, or a member's name or short name: "L6") -> row names, or an InputError."""
     alias = {}
     for r in row_names(team):
-        member = r.split(":", 1)[-1]
-        alias.update({r: r, member: r, short(member): r})
+        base, int8 = base_row(r)
+        member = base.split(":", 1)[-1]
+        prefix = INT8 if int8 else ""
+        alias.update({r: r, prefix + member: r, prefix + short(member): r})
     bad = [a for a in asked if a not in alias]
     if bad:
         raise InputError(f"this team has no row {', '.join(bad)}; its rows: {', '.join(row_names(team))}")
@@ -66,7 +73,10 @@ def pick_rows(team, asked):
 
 
 def label(row):
-    """A row's name in the table: "L6 alone", "fused head", "cascade"."""
+    """A row's name in the table: "L6 alone", "fused head", "cascade", "L6 alone (int8)"."""
+    row, int8 = base_row(row)
+    if int8:
+        return label(row) + " (int8)"
     if row.startswith("single:"):
         return f"{short(row.split(':', 1)[1])} alone"
     return {"fused": "fused head"}.get(row, row)
@@ -74,6 +84,7 @@ def label(row):
 
 def experts_of(team, row):
     """Experts a row can run, in tier order."""
+    row, _ = base_row(row)
     if row == "cascade":
         return [team.cfg.experts[k] for k in team.composition.active]
     return team.alone_experts(row)
@@ -81,6 +92,8 @@ def experts_of(team, row):
 
 def serve(team, row):
     """-> texts [B] -> (probabilities [B, C], info): the row as a user serves it through the Python API."""
+    row, int8 = base_row(row)
+    team.use_int8(int8)
     if row == "cascade":
         return team.predict_proba
     return lambda texts: team.predict_alone(texts, row)
@@ -88,6 +101,7 @@ def serve(team, row):
 
 def parameters(team, row):
     """Weights the row can run: lexical expert, encoders, and the heads of its answers (each counted once)."""
+    row, _ = base_row(row)
     size = lambda tree: sum(v.size for _, v in leaves(tree))  # noqa: E731
     parts = {e: size(team.lexical.params) if e == LEXICAL else
              sum(int(np.prod(s)) for s in expected_shapes(team.expert(e).config).values())
@@ -121,6 +135,7 @@ def rss_mb():
 def measure(model, row, texts, n_latency, n_throughput, repeats):
     """One row, in this (fresh) process -> dict of its numbers. texts: warm-up texts first, then the rest."""
     team = load_team(model)
+    team.use_int8(base_row(row)[1])
     for e in experts_of(team, row):
         if e != LEXICAL:
             team.expert(e)  # load the weights now: the RSS after loading is the row's resident model
@@ -151,7 +166,8 @@ def measure(model, row, texts, n_latency, n_throughput, repeats):
            "latency_ms_p95": 1000 * float(np.percentile(seconds, 95)), "latency_texts": len(seconds),
            "docs_per_s": float(np.median(rates)), "throughput_texts": len(batch_texts), "repeats": repeats,
            "loaded_rss_mb": loaded, "peak_rss_mb": rss_mb(), "numba_threads": numba.get_num_threads()}
-    if row == "cascade":
+    out["precision"] = "int8" if base_row(row)[1] else "float32"
+    if base_row(row)[0] == "cascade":
         tiers = np.concatenate(exits)
         out["exit_share"] = {str(k): float((tiers == k).mean()) for k in team.composition.active}
     return out
@@ -290,7 +306,9 @@ def main(argv=None):
     result = {"command": "python -m minislm.resources " + " ".join(argv), "model": args.model,
               "dataset": args.dataset, "texts_source": source, "texts": results[0]["latency_texts"],
               "throughput_texts": results[0]["throughput_texts"], "repeats": args.repeats,
-              "machine": machine, "int8": INT8, "rows": results}
+              "machine": machine,
+              "int8": "rows named int8:...: the same heads reading encoders whose linears run on int8 weights "
+                      "(per-channel 7-bit weights, per-row 8-bit activations; Team.use_int8)", "rows": results}
     table = markdown(result)
     print(table)
     write_json(Path(args.out_dir) / "resources.json", result)

@@ -40,7 +40,8 @@ def test_quick_table_has_every_row_with_sane_numbers(checkpoint, capsys):
     assert code == 0, capsys.readouterr().err
     r = json.loads((out / "resources.json").read_text())
     bert = str(checkpoint / "bert")
-    assert [x["row"] for x in r["rows"]] == [f"single:{LEXICAL}", f"single:{bert}", "fused", "cascade"]
+    assert [x["row"] for x in r["rows"]] == [f"single:{LEXICAL}", f"single:{bert}", "fused", "cascade",
+                                             f"int8:single:{bert}", "int8:cascade"]
     for x in r["rows"]:
         for key in NUMBERS:
             assert math.isfinite(x[key]) and x[key] > 0, (x["row"], key)
@@ -53,11 +54,14 @@ def test_quick_table_has_every_row_with_sane_numbers(checkpoint, capsys):
     flops = [by[r]["flops_per_text"] for r in ("fused", f"single:{bert}", "single:lexical")]
     assert flops == sorted(flops, reverse=True) and len(set(flops)) == 3
     assert math.isclose(sum(by["cascade"]["exit_share"].values()), 1.0)
+    for row in (f"single:{bert}", "cascade"):  # the int8 rows serve the same heads: same weights counted
+        assert by[f"int8:{row}"]["precision"] == "int8" and by[row]["precision"] == "float32"
+        assert by[f"int8:{row}"]["parameters"] == by[row]["parameters"]
     m = r["machine"]
     assert m["cpu"]["model"] and m["usable_cpus"] >= 1 and len(m["load_start"]) == len(m["load_end"]) == 3
     assert m["numpy"] and m["numba"] and m["other_busy_cores"] >= 0 and isinstance(m["shared"], bool)
     md = (out / "resources.md").read_text()
-    assert "| cascade |" in md and "| fused head |" in md and "lexical alone" in md and "int8" in md
+    assert "| cascade |" in md and "| fused head |" in md and "lexical alone" in md and "| cascade (int8) |" in md
 
 
 def test_unknown_row_is_one_line_exit_2(checkpoint, capsys):
@@ -66,3 +70,12 @@ def test_unknown_row_is_one_line_exit_2(checkpoint, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: this team has no row L7; its rows: single:lexical")
     assert len(err.strip().splitlines()) == 1 and not (checkpoint / "none").exists()
+
+
+def test_rows_are_picked_by_name_short_name_or_int8_name(checkpoint):
+    from minislm.classify import load_team
+
+    team = load_team(str(checkpoint / "team"))
+    bert = str(checkpoint / "bert")
+    assert resources.pick_rows(team, [bert, f"int8:{bert}", "cascade", "int8:cascade"]) == [
+        f"single:{bert}", f"int8:single:{bert}", "cascade", "int8:cascade"]
