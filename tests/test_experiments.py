@@ -115,6 +115,11 @@ def test_fusion_guide_reads_only_what_the_results_show(seeds, tmp_path):
     for s, v in strategies.items():
         assert abs(v["vs_best_single_points"] - 100 * (v["accuracy"] - single["accuracy"])) < 1e-9
     assert "| gated |" in md and "Best single expert" in md
+    from minislm.experiments import summary
+
+    line = summary.table(tmp_path).splitlines()[2]
+    assert line.startswith("| ag_news | 2 | ") and result["selected"]["best_single"] in line
+    assert result["selected"]["best_team"] in line
 
 
 def test_an_adapted_run_adds_its_rows_to_the_frozen_runs_file(seeds, tmp_path, monkeypatch):

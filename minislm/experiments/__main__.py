@@ -18,7 +18,7 @@ import numpy as np
 
 from minislm import data
 from minislm.atomic import write_json, write_text
-from minislm.experiments import aggregate, guide, seed_run
+from minislm.experiments import aggregate, guide, seed_run, summary
 from minislm.team.adaptation import AdaptSettings
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -166,7 +166,8 @@ def main(argv=None):
         sel = result["selected"]
         print(f"{p}: best single {sel['best_single']}, best team {sel['best_team']} "
               f"({sel['difference_points']:+.2f} points, McNemar p = {sel['mcnemar_p']:.3g})")
-    guide.write(Path(args.out_dir))  # the fusion guide reads every protocol's file, so it follows each run
+    guide.write(Path(args.out_dir))  # the fusion guide and the summary read every protocol's file
+    write_text(Path(args.out_dir) / "summary.md", summary.table(Path(args.out_dir)))
     print(f"all done in {(time.time() - t0) / 60:.1f} min")
     return 0
 

@@ -1,0 +1,48 @@
+"""The validation-chosen rows of every protocol in one Markdown table (the README's results table).
+
+    python -m minislm.experiments.summary    ->  notebooks/results/summary.md (and printed)
+
+Per protocol: the best single expert and the best team as `selected` names them (chosen on validation rows,
+before any test row was scored), the checkpoint's own cascade, and TF-IDF + logistic regression, each with
+its test accuracy (mean ± sd over seeds) and cost; then the paired test difference team - single with
+McNemar's p. Every number is read from notebooks/results/<protocol>.json.
+"""
+import json
+import sys
+
+from minislm.atomic import write_text
+from minislm.experiments.guide import PROTOCOLS, RESULTS
+
+
+def cell(row):
+    return f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_sd']:.2f}"
+
+
+def table(results_dir=RESULTS):
+    lines = ["| protocol | seeds | best single (validation-chosen) | test % | best team (validation-chosen) | test % "
+             "| team - single (McNemar p) | checkpoint cascade test % (GFLOPs vs best single) | tfidf-lr test % |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in PROTOCOLS:
+        f = results_dir / f"{p}.json"
+        if not f.exists():
+            continue
+        r = json.loads(f.read_text(encoding="utf-8"))
+        sel, rows = r["selected"], {x["name"]: x for x in r["rows"]}
+        single, team = rows[sel["best_single"]], rows[sel["best_team"]]
+        ck = sel.get("checkpoint")
+        ck_cell = (f"{cell(rows[ck['name']])} ({100 * ck['gflops_vs_best_single']:.0f} %)" if ck else "-")
+        tfidf = cell(rows["tfidf-lr"]) if "tfidf-lr" in rows else "-"
+        lines.append(f"| {p} | {len(r['seeds'])} | {single['name']} | {cell(single)} | {team['name']} | {cell(team)} "
+                     f"| {sel['difference_points']:+.2f} ({sel['mcnemar_p']:.2g}) | {ck_cell} | {tfidf} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    md = table()
+    write_text(RESULTS / "summary.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
