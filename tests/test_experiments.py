@@ -117,7 +117,7 @@ def test_fusion_guide_reads_only_what_the_results_show(seeds, tmp_path):
     assert "| gated |" in md and "Best single expert" in md
     from minislm.experiments import summary
 
-    line = summary.table(tmp_path).splitlines()[2]
+    line = summary.table(tmp_path).splitlines()[4]
     assert line.startswith("| ag_news | 2 | ") and result["selected"]["best_single"] in line
     assert result["selected"]["best_team"] in line
 

@@ -15,12 +15,14 @@ from minislm.experiments.guide import PROTOCOLS, RESULTS
 
 
 def cell(row):
-    return f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_sd']:.2f}"
+    """test accuracy % (mean ± sd over seeds) @ GFLOPs per text"""
+    return f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_sd']:.2f} @ {row['gflops_per_sample']:.3g}"
 
 
 def table(results_dir=RESULTS):
-    lines = ["| protocol | seeds | best single (validation-chosen) | test % | best team (validation-chosen) | test % "
-             "| team - single (McNemar p) | checkpoint cascade test % (GFLOPs vs best single) | tfidf-lr test % |",
+    lines = ["Test accuracy % (mean ± sd over seeds) @ GFLOPs per text; every pick made on validation rows.", "",
+             "| protocol | seeds | best single (validation-chosen) | test % | best team (validation-chosen) | test % "
+             "| team - single (McNemar p) | checkpoint's cascade test % | tfidf-lr test % |",
              "|---|---|---|---|---|---|---|---|---|"]
     for p in PROTOCOLS:
         f = results_dir / f"{p}.json"
@@ -30,7 +32,7 @@ def table(results_dir=RESULTS):
         sel, rows = r["selected"], {x["name"]: x for x in r["rows"]}
         single, team = rows[sel["best_single"]], rows[sel["best_team"]]
         ck = sel.get("checkpoint")
-        ck_cell = (f"{cell(rows[ck['name']])} ({100 * ck['gflops_vs_best_single']:.0f} %)" if ck else "-")
+        ck_cell = cell(rows[ck["name"]]) if ck else "-"
         tfidf = cell(rows["tfidf-lr"]) if "tfidf-lr" in rows else "-"
         lines.append(f"| {p} | {len(r['seeds'])} | {single['name']} | {cell(single)} | {team['name']} | {cell(team)} "
                      f"| {sel['difference_points']:+.2f} ({sel['mcnemar_p']:.2g}) | {ck_cell} | {tfidf} |")
