@@ -334,3 +334,21 @@ def test_team_internals_figure_reads_the_checkpoint_and_results(team, tmp_path):
     assert figures.exit_shares(tmp_path) == {"ag_news": (["lexical", "L3", "L6"], [0.5, 0.3, 0.2])}
     assert figures.router_shares(tmp_path) == {"ag_news": {"lexical": 0.9, "L3": 0.6}}
     assert figures.draw(tmp_path, t, tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_too_few_rows_to_cross_fit_fall_back_to_the_validation_rows_and_say_so(team, tmp_path, monkeypatch):
+    _, root = team
+    monkeypatch.setenv("MINISLM_CACHE_DIR", str(tmp_path / "cache"))
+    small = dict(experts=[LEXICAL, str(root / "bert")], proj_dim=8, head_hidden=8, folds=5, router_top_k=0,
+                 lexical={"n_buckets": 64, "epochs": 2, "lr": 1.0}, train={"epochs": 2, "batch_size": 32})
+    ds, said = toy(30, 4), []
+    t = train_team(ds.texts[:4], [0, 1] * 2, log=said.append, **small)  # 4 rows cannot feed 5 fold teams
+    assert "too few for 5 fold teams" in t.metrics["crossfit_fallback"]
+    assert t.metrics["composition"]["estimate"]["how"].startswith("in-sample: 1 held-apart rows are too few")
+    t = train_team(ds.texts[:8], [0, 1] * 4, log=lambda s: None, **small)  # 8 can: 4 folds of 2 for the estimate
+    assert "crossfit_fallback" not in t.metrics and t.metrics["composition"]["estimate"]["how"].startswith("4-fold")
+    assert any("chosen on the 1 validation rows instead" in line for line in said)
+    t = train_team(ds.texts[:20], [0] * 10 + [1] * 9 + [2], log=lambda s: None, **small)  # a class of one row
+    assert len(t.predict(ds.texts[:2])) == 2
+    with pytest.raises(ValueError, match="too few to fit and validate on"):
+        train_team(ds.texts[:3], [0, 1, 2], log=lambda s: None, **small)

@@ -178,16 +178,31 @@ def evidence(team, feats, lexical_probs, y, texts):
                                 team.lexical.flops(offsets).astype(np.float64), heads, cfg.folds, cfg.seed)
 
 
+def crossfit_folds(labels, cfg):
+    """-> ([(rest, held, inner_fit, inner_val)] for the k folds, None) or (None, why not): every fold team needs
+    fit rows of two classes and validation rows of its own, else cross-fitting cannot run."""
+    folds = []
+    for rest, held in data_lib.kfold(labels, min(cfg.folds, len(labels)), cfg.seed + 7):
+        inner_fit, inner_val = split_rows(labels[rest], cfg.val_fraction, cfg.seed)
+        if len(held) == 0 or len(inner_val) == 0 or len(np.unique(labels[rest][inner_fit])) < 2:
+            return None, (f"{len(labels)} rows are too few for {cfg.folds} fold teams with validation rows "
+                          f"of their own")
+        folds.append((rest, held, inner_fit, inner_val))
+    return folds, None
+
+
 def crossfit_evidence(team, train, raw, log, fold_extra=None):
     """Small data: every candidate's out-of-fold probabilities over ALL training rows (k fold teams, each
     trained on the other folds with its own inner validation split) -> (Evidence on len(train) rows, extra).
     fold_extra(fold_team, fold_record, held_feats) -> {name: probabilities [n_held, C]} scores more models
     the same way (experiments use it to cross-fit every fusion row); extra joins them over all rows."""
-    cfg, N = team.cfg, len(train)
+    cfg = team.cfg
+    folds, why = crossfit_folds(train.labels, cfg)
+    if folds is None:
+        raise data_lib.DataError(why)
     parts, extras = [], []
-    for f, (rest, held) in enumerate(data_lib.kfold(train.labels, min(cfg.folds, N), cfg.seed + 7)):
-        log(f"cross-fitting: fold {f + 1} of {min(cfg.folds, N)} ({len(rest)} rows train, {len(held)} held)")
-        inner_fit, inner_val = split_rows(train.labels[rest], cfg.val_fraction, cfg.seed)
+    for f, (rest, held, inner_fit, inner_val) in enumerate(folds):
+        log(f"cross-fitting: fold {f + 1} of {len(folds)} ({len(rest)} rows train, {len(held)} held)")
         fold = Team(cfg, lexical_tokenizer=team.lexical_tokenizer)
         fold._experts = team._experts  # share the loaded encoders
         fold_rec = train_split(fold, train, rest[inner_fit], rest[inner_val], raw, log=None, router=False)
@@ -246,11 +261,16 @@ def fit(team, train, log=print, progress=True, fold_extra=None):
         raw[name] = team.encoder_features(name, train.texts, split=train.split, progress=progress)
     rec = train_split(team, train, fit_idx, val_idx, raw, log=log)
     team.training = rec
-    if len(train) < cfg.crossfit_below and not cfg.adapt:
+    small = len(train) < cfg.crossfit_below and not cfg.adapt
+    why_not = crossfit_folds(train.labels, cfg)[1] if small else None
+    if small and why_not is None:
         log(f"composition: {len(train)} rows < {cfg.crossfit_below}, so every choice is cross-fitted over all rows")
         ev, rec.crossfit_extra = crossfit_evidence(team, train, raw, log, fold_extra)
         rec.crossfit = ev
     else:  # (an adapted encoder has seen every fit row, so out-of-fold rows would not be held apart from it)
+        if why_not:  # the stated fallback: too few rows to cross-fit
+            log(f"composition: {why_not}, so it is chosen on the {len(val_idx)} validation rows instead")
+            team.metrics["crossfit_fallback"] = why_not
         log(f"composition: chosen on the {len(val_idx)} validation rows")
         ev = evidence(team, rec.feats_val, rec.lexical_val, rec.y_val, rec.texts_val)
     comp, record = composition.compose(ev, cfg.tolerance)
