@@ -25,17 +25,19 @@ REPO = Path(__file__).resolve().parent.parent.parent
 PROTOCOLS = ("ag_news", "imdb", "dbpedia_14", "ag_news-1k", "imdb-1k")
 
 
-def run_dir(protocol, quick, experts=None, adapt=None, int8=False):
-    """cache/experiments/<protocol>[-quick][-<experts>][-adapt-<label>...][-int8]: one run's finished seeds."""
+def run_dir(protocol, quick, experts=None, adapt=None, int8=False, crossfit_below=None):
+    """cache/experiments/<protocol>[-quick][-<experts>][-crossfit-below-N][-adapt-<label>...][-int8]: one run's
+    finished seeds."""
     tag = "" if not experts else "-" + "-".join(Path(e).name for e in experts)
+    tag += f"-crossfit-below-{crossfit_below}" if crossfit_below is not None else ""
     if adapt:
         tag += "-adapt-" + "-".join(f"{seed_run.adapt_tag(s)}-{Path(e).name}" for e, s in adapt.items())
     tag += "-int8" if int8 else ""
     return REPO / "cache" / "experiments" / f"{protocol}{'-quick' if quick else ''}{tag}"
 
 
-def seed_file(protocol, seed, quick, experts=None, adapt=None, int8=False):
-    return run_dir(protocol, quick, experts, adapt, int8) / f"seed-{seed}.json"
+def seed_file(protocol, seed, quick, experts=None, adapt=None, int8=False, crossfit_below=None):
+    return run_dir(protocol, quick, experts, adapt, int8, crossfit_below) / f"seed-{seed}.json"
 
 
 def finished_seeds(folder):
@@ -45,12 +47,13 @@ def finished_seeds(folder):
 
 
 def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=False, save_model=None,
-                 search_trials=6, experts=None, log=print, adapt=None, int8=False):
+                 search_trials=6, experts=None, log=print, adapt=None, int8=False, crossfit_below=None):
     t0 = time.time()
     train, test = data.protocol_splits(protocol, data_dir)
-    config = {**({"experts": list(experts)} if experts else {}), **({"adapt": adapt} if adapt else {})}
+    config = {**({"experts": list(experts)} if experts else {}), **({"adapt": adapt} if adapt else {}),
+              **({"crossfit_below": crossfit_below} if crossfit_below is not None else {})}
     for i, seed in enumerate(seeds):
-        f = seed_file(protocol, seed, quick, experts, adapt, int8)
+        f = seed_file(protocol, seed, quick, experts, adapt, int8, crossfit_below)
         if f.exists() and not fresh and not (save_model and i == 0):
             log(f"{protocol} seed {seed}: done before ({f})")
             continue
@@ -61,15 +64,16 @@ def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=Fal
         if save_model and i == 0:
             team.save(save_model, command=f"python -m minislm.experiments {protocol} --save-model {save_model}")
             log(f"saved {save_model}")
-        res["command"] = command(protocol, quick, experts, adapt, int8)
+        res["command"] = command(protocol, quick, experts, adapt, int8, crossfit_below)
         write_json(f, res)
-        write_results(protocol, train, test, out_dir, quick, t0, experts)  # partial results land too
-    return write_results(protocol, train, test, out_dir, quick, t0, experts)
+        write_results(protocol, train, test, out_dir, quick, t0, experts, crossfit_below)  # partial results land too
+    return write_results(protocol, train, test, out_dir, quick, t0, experts, crossfit_below)
 
 
-def command(protocol, quick, experts, adapt=None, int8=False):
+def command(protocol, quick, experts, adapt=None, int8=False, crossfit_below=None):
     cmd = f"python -m minislm.experiments {protocol}" + (" --quick" if quick else "") + (" --int8" if int8 else "")
     cmd += f" --experts {' '.join(experts)}" if experts else ""
+    cmd += f" --crossfit-below {crossfit_below}" if crossfit_below is not None else ""
     if adapt:  # the command line gives every adapted expert the same settings
         s = next(iter(adapt.values()))
         cmd += (f" --adapt {' '.join(adapt)} --adapt-method {s.method} --adapt-rank {s.rank} --adapt-top-k {s.top_k} "
@@ -77,22 +81,22 @@ def command(protocol, quick, experts, adapt=None, int8=False):
     return cmd
 
 
-def companion_runs(protocol, quick, experts):
+def companion_runs(protocol, quick, experts, crossfit_below=None):
     """-> [(folder, seed results)] of every run of this protocol and team with adapted experts or --int8."""
-    base = run_dir(protocol, quick, experts)
+    base = run_dir(protocol, quick, experts, crossfit_below=crossfit_below)
     folders = sorted([*base.parent.glob(base.name + "-adapt-*"), *base.parent.glob(base.name + "-int8")])
     return [(f, finished_seeds(f)) for f in folders if finished_seeds(f)]
 
 
-def write_results(protocol, train, test, out_dir, quick, t0, experts=None):
+def write_results(protocol, train, test, out_dir, quick, t0, experts=None, crossfit_below=None):
     """Aggregate the finished seeds of the frozen run and of its companion runs (adapted experts, --int8) into
     notebooks/results/<protocol>.{json,md,png}. An adapted run adds its rows of kind `adapted` and every team
     row that reads an adapted member, an int8 run its rows of kind `int8` (their other rows repeat the frozen
     run's)."""
-    results = finished_seeds(run_dir(protocol, quick, experts))
+    results = finished_seeds(run_dir(protocol, quick, experts, crossfit_below=crossfit_below))
     rows, preds = aggregate.combine(results) if results else ([], {})
     runs = []
-    for folder, seeds in companion_runs(protocol, quick, experts):
+    for folder, seeds in companion_runs(protocol, quick, experts, crossfit_below):
         a_rows, a_preds = aggregate.combine(seeds)
         labels = {r["name"].split("/", 1)[0] + "-" + seed_run.short(r["expert"]) for r in a_rows
                   if r["kind"] == "adapted"}
@@ -103,11 +107,11 @@ def write_results(protocol, train, test, out_dir, quick, t0, experts=None):
         runs.append({"run": folder.name, "seeds": [s["seed"] for s in seeds], "rows": [r["name"] for r in new],
                      "command": seeds[0].get("command"), "seconds": round(sum(s["seconds"] for s in seeds), 1)})
     if not results:  # only adapted runs so far: their first one stands in for the run's own records
-        results = companion_runs(protocol, quick, experts)[0][1]
+        results = companion_runs(protocol, quick, experts, crossfit_below)[0][1]
     y = np.asarray(test.labels)
     result = {
         "protocol": dict(train.protocol), "seeds": [r["seed"] for r in results],
-        "command": command(protocol, quick, experts),
+        "command": command(protocol, quick, experts, crossfit_below=crossfit_below),
         "seeds_planned_note": "seeds listed are those finished; a run resumes at the next one",
         "adapted_runs": runs,
         "rows": rows, "selected": aggregate.select(rows, preds, y), "ablations": aggregate.ablations(rows, preds, y),
@@ -142,6 +146,8 @@ def main(argv=None):
     ap.add_argument("--adapt-lr", type=float, default=a("lr"))
     ap.add_argument("--adapt-epochs", type=int, default=a("epochs"))
     ap.add_argument("--adapt-max-len", type=int, default=a("max_len"))
+    ap.add_argument("--crossfit-below", type=int, help="cross-fit every choice below this many training rows "
+                                                          "(default: the team config's, 4000)")
     ap.add_argument("--int8", action="store_true", help="a companion run adding rows of kind int8: the single "
                                                         "encoders and the checkpoint's cascade on int8 encoders")
     try:
@@ -162,7 +168,7 @@ def main(argv=None):
     for p in protocols:
         result = run_protocol(p, args.seeds, Path(args.out_dir), args.data_dir, args.quick, args.fresh,
                               args.save_model if len(protocols) == 1 else None, args.search_trials, args.experts,
-                              adapt=adapt or None, int8=args.int8)
+                              adapt=adapt or None, int8=args.int8, crossfit_below=args.crossfit_below)
         sel = result["selected"]
         print(f"{p}: best single {sel['best_single']}, best team {sel['best_team']} "
               f"({sel['difference_points']:+.2f} points, McNemar p = {sel['mcnemar_p']:.3g})")
