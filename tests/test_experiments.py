@@ -114,7 +114,7 @@ def test_fusion_guide_reads_only_what_the_results_show(seeds, tmp_path):
     single = {r["name"]: r for r in rows}[result["selected"]["best_single"]]
     for s, v in strategies.items():
         assert abs(v["vs_best_single_points"] - 100 * (v["accuracy"] - single["accuracy"])) < 1e-9
-    assert "| gated |" in md and "Best single expert" in md
+    assert "| gated |" in md and "Best frozen single expert" in md
     from minislm.experiments import summary
 
     line = summary.table(tmp_path).splitlines()[4]

@@ -2,8 +2,8 @@
 
     python -m minislm.experiments.guide     ->  notebooks/results/fusion_guide.{json,md}
 
-For every protocol with results, each combination strategy over the same members (lexical + encoders) is
-read with its validation accuracy (what a user can see before testing), its test accuracy (mean ± sd over
+For every protocol with results, each combination strategy over the same frozen members (lexical +
+encoders) is read with its validation accuracy (what a user can see before testing), its test accuracy (mean ± sd over
 seeds), its gap to the validation-chosen best single expert, and its cost. The "when" column states only what
 these rows show: on which protocols the strategy was the validation-best team strategy, and how far from the
 best test accuracy it stayed. Nothing is claimed that the rows do not show.
@@ -32,8 +32,10 @@ WHAT = {"concat": "one head over all members' mixed features side by side",
 def team_rows(result):
     """-> {strategy: row} over the widest member set (every expert) of one results file."""
     rows = {r["name"]: r for r in result["rows"]}
-    widest = max((n.split("/", 1)[1] for n in rows if n.startswith("concat/")), key=lambda t: t.count("+"),
-                 default=None)
+    widest = max((n.split("/", 1)[1] for n in rows if n.startswith("concat/") and rows[n]["kind"] == "fusion"
+                  and "adapted" not in rows[n].get("run", "") and not any(m.startswith(("top", "lora-", "full-"))
+                                                                         for m in n.split("/", 1)[1].split("+"))),
+                 key=lambda t: t.count("+"), default=None)
     out = {}
     for s in STRATEGIES:
         name = s if s.startswith("cascade/") else f"{s}/{widest}"
@@ -43,9 +45,9 @@ def team_rows(result):
 
 
 def protocol_summary(result):
-    sel = result["selected"]
-    rows = {r["name"]: r for r in result["rows"]}
-    single = rows[sel["best_single"]]
+    # frozen members only, on both sides (adapted runs are not repeated for every strategy and protocol)
+    frozen = [r for r in result["rows"] if r["kind"] == "single" and r.get("selectable", True)]
+    single = max(frozen, key=lambda r: (r["val_accuracy"], -r["gflops_per_sample"]))
     teams = team_rows(result)
     by_val = max(teams, key=lambda s: (teams[s]["val_accuracy"], -teams[s]["gflops_per_sample"]))
     best_test = max(r["accuracy"] for r in teams.values())
@@ -99,7 +101,7 @@ def markdown(g):
         cost = f"{min(costs):.3g}-{max(costs):.3g}" if len(costs) > 1 else f"{costs[0]:.3g}"
         lines.append(f"| {s['strategy']} | {s['what']} | " + " | ".join(cells) +
                      f" | {', '.join(s['validation_best_on']) or '-'} | {cost} |")
-    lines += ["", "Best single expert per protocol (chosen on validation): " + "; ".join(
+    lines += ["", "Best frozen single expert per protocol (chosen on validation): " + "; ".join(
         f"{p}: {d['best_single']['name']} {100 * d['best_single']['accuracy']:.2f} % "
         f"({d['seeds']} seeds, {d['n_train']} training rows)" for p, d in g["protocols"].items()) + "."]
     return "\n".join(lines) + "\n"

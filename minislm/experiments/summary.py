@@ -14,9 +14,10 @@ from minislm.atomic import write_text
 from minislm.experiments.guide import PROTOCOLS, RESULTS
 
 
-def cell(row):
-    """test accuracy % (mean ± sd over seeds) @ GFLOPs per text"""
-    return f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_sd']:.2f} @ {row['gflops_per_sample']:.3g}"
+def cell(row, seeds=None):
+    """test accuracy % (mean ± sd over seeds) @ GFLOPs per text, and the row's seeds when fewer than the file's"""
+    note = f" ({row['seeds']} seed)" if seeds and row.get("seeds", seeds) < seeds else ""
+    return f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_sd']:.2f} @ {row['gflops_per_sample']:.3g}{note}"
 
 
 def table(results_dir=RESULTS):
@@ -32,9 +33,10 @@ def table(results_dir=RESULTS):
         sel, rows = r["selected"], {x["name"]: x for x in r["rows"]}
         single, team = rows[sel["best_single"]], rows[sel["best_team"]]
         ck = sel.get("checkpoint")
-        ck_cell = cell(rows[ck["name"]]) if ck else "-"
-        tfidf = cell(rows["tfidf-lr"]) if "tfidf-lr" in rows else "-"
-        lines.append(f"| {p} | {len(r['seeds'])} | {single['name']} | {cell(single)} | {team['name']} | {cell(team)} "
+        n = len(r["seeds"])
+        ck_cell = cell(rows[ck["name"]], n) if ck else "-"
+        tfidf = cell(rows["tfidf-lr"], n) if "tfidf-lr" in rows else "-"
+        lines.append(f"| {p} | {n} | {single['name']} | {cell(single, n)} | {team['name']} | {cell(team, n)} "
                      f"| {sel['difference_points']:+.2f} ({sel['mcnemar_p']:.2g}) | {ck_cell} | {tfidf} |")
     return "\n".join(lines) + "\n"
 
