@@ -98,7 +98,7 @@ def draw(results_dir, team, path):
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=62, format="png")
     plt.close(fig)
     return path
 
