@@ -220,8 +220,6 @@ def test_quantize_command_round_trip(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_corrupt_int8_folder_is_one_clear_error(tiny, tmp_path, monkeypatch, capsys):
-    from minislm import classify
-
     _, path = tiny
     name = "paraphrase-MiniLM-L3-v2"
     store = tmp_path / "store"
