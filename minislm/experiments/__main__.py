@@ -85,7 +85,8 @@ def companion_runs(protocol, quick, experts, crossfit_below=None):
     """-> [(folder, seed results)] of every run of this protocol and team with adapted experts or --int8."""
     base = run_dir(protocol, quick, experts, crossfit_below=crossfit_below)
     folders = sorted([*base.parent.glob(base.name + "-adapt-*"), *base.parent.glob(base.name + "-int8")])
-    return [(f, finished_seeds(f)) for f in folders if finished_seeds(f)]
+    runs = [(f, finished_seeds(f)) for f in folders]
+    return [(f, seeds) for f, seeds in runs if seeds]
 
 
 def write_results(protocol, train, test, out_dir, quick, t0, experts=None, crossfit_below=None):
@@ -95,8 +96,8 @@ def write_results(protocol, train, test, out_dir, quick, t0, experts=None, cross
     run's)."""
     results = finished_seeds(run_dir(protocol, quick, experts, crossfit_below=crossfit_below))
     rows, preds = aggregate.combine(results) if results else ([], {})
-    runs = []
-    for folder, seeds in companion_runs(protocol, quick, experts, crossfit_below):
+    runs, companions = [], companion_runs(protocol, quick, experts, crossfit_below)
+    for folder, seeds in companions:
         a_rows, a_preds = aggregate.combine(seeds)
         labels = {r["name"].split("/", 1)[0] + "-" + seed_run.short(r["expert"]) for r in a_rows
                   if r["kind"] == "adapted"}
@@ -106,8 +107,8 @@ def write_results(protocol, train, test, out_dir, quick, t0, experts=None, cross
         preds.update({r["name"]: a_preds[r["name"]] for r in new})
         runs.append({"run": folder.name, "seeds": [s["seed"] for s in seeds], "rows": [r["name"] for r in new],
                      "command": seeds[0].get("command"), "seconds": round(sum(s["seconds"] for s in seeds), 1)})
-    if not results:  # only adapted runs so far: their first one stands in for the run's own records
-        results = companion_runs(protocol, quick, experts, crossfit_below)[0][1]
+    if not results:  # only companion runs so far: the first one stands in for the run's own records
+        results = companions[0][1]
     y = np.asarray(test.labels)
     result = {
         "protocol": dict(train.protocol), "seeds": [r["seed"] for r in results],

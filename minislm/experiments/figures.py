@@ -8,14 +8,13 @@
             the embeddings), for the expert's own stage-1 head and inside the full fusion
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from minislm.collab import layermix
-from minislm.experiments.guide import PROTOCOLS, RESULTS
+from minislm.experiments.guide import RESULTS, load_results
 from minislm.team import Team
 from minislm.team.team import LEXICAL, short
 
@@ -23,11 +22,7 @@ from minislm.team.team import LEXICAL, short
 def exit_shares(results_dir):
     """-> {protocol: (tier names, exit share per tier)} of every checkpoint row found."""
     out = {}
-    for p in PROTOCOLS:
-        f = results_dir / f"{p}.json"
-        if not f.exists():
-            continue
-        result = json.loads(f.read_text(encoding="utf-8"))
+    for p, result in load_results(results_dir).items():
         row = next((r for r in result["rows"] if r.get("checkpoint")), None)
         if row and "exit_share" in row:
             experts = result.get("composition_by_seed", [{}])[0].get("single_accuracy", {})
@@ -39,12 +34,10 @@ def exit_shares(results_dir):
 def router_shares(results_dir):
     """-> {protocol: {expert: share of test texts the router ran it for}}."""
     out = {}
-    for p in PROTOCOLS:
-        f = results_dir / f"{p}.json"
-        if f.exists():
-            row = next((r for r in json.loads(f.read_text(encoding="utf-8"))["rows"] if "run_share" in r), None)
-            if row:
-                out[p] = row["run_share"]
+    for p, result in load_results(results_dir).items():
+        row = next((r for r in result["rows"] if "run_share" in r), None)
+        if row:
+            out[p] = row["run_share"]
     return out
 
 

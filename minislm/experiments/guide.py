@@ -29,6 +29,12 @@ WHAT = {"concat": "one head over all members' mixed features side by side",
         "cascade/checkpoint": "cheap member first, escalate when unsure (the checkpoint's composition)"}
 
 
+def load_results(results_dir=RESULTS):
+    """-> {protocol: its results file, parsed} for every protocol that has one, in PROTOCOLS order."""
+    return {p: json.loads((results_dir / f"{p}.json").read_text(encoding="utf-8"))
+            for p in PROTOCOLS if (results_dir / f"{p}.json").exists()}
+
+
 def team_rows(result):
     """-> {strategy: row} over the widest member set (every expert) of one results file."""
     rows = {r["name"]: r for r in result["rows"]}
@@ -65,8 +71,7 @@ def protocol_summary(result):
 
 
 def build(results_dir=RESULTS):
-    found = {p: json.loads((results_dir / f"{p}.json").read_text(encoding="utf-8"))
-             for p in PROTOCOLS if (results_dir / f"{p}.json").exists()}
+    found = load_results(results_dir)
     per = {p: protocol_summary(r) for p, r in found.items() if "selected" in r}
     guide = []
     for s in STRATEGIES:

@@ -7,11 +7,10 @@ before any test row was scored), the checkpoint's own cascade, and TF-IDF + logi
 its test accuracy (mean ± sd over seeds) and cost; then the paired test difference team - single with
 McNemar's p. Every number is read from notebooks/results/<protocol>.json.
 """
-import json
 import sys
 
 from minislm.atomic import write_text
-from minislm.experiments.guide import PROTOCOLS, RESULTS
+from minislm.experiments.guide import RESULTS, load_results
 
 
 def cell(row, seeds=None):
@@ -25,11 +24,7 @@ def table(results_dir=RESULTS):
              "| protocol | seeds | best single (validation-chosen) | test % | best team (validation-chosen) | test % "
              "| team - single (McNemar p) | checkpoint's cascade test % | tfidf-lr test % |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for p in PROTOCOLS:
-        f = results_dir / f"{p}.json"
-        if not f.exists():
-            continue
-        r = json.loads(f.read_text(encoding="utf-8"))
+    for p, r in load_results(results_dir).items():
         sel, rows = r["selected"], {x["name"]: x for x in r["rows"]}
         single, team = rows[sel["best_single"]], rows[sel["best_team"]]
         ck = sel.get("checkpoint")

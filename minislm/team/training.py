@@ -191,15 +191,13 @@ def crossfit_folds(labels, cfg):
     return folds, None
 
 
-def crossfit_evidence(team, train, raw, log, fold_extra=None):
+def crossfit_evidence(team, train, raw, log, folds, fold_extra=None):
     """Small data: every candidate's out-of-fold probabilities over ALL training rows (k fold teams, each
-    trained on the other folds with its own inner validation split) -> (Evidence on len(train) rows, extra).
+    trained on the other folds with its own inner validation split; folds: crossfit_folds') -> (Evidence on
+    len(train) rows, extra).
     fold_extra(fold_team, fold_record, held_feats) -> {name: probabilities [n_held, C]} scores more models
     the same way (experiments use it to cross-fit every fusion row); extra joins them over all rows."""
     cfg = team.cfg
-    folds, why = crossfit_folds(train.labels, cfg)
-    if folds is None:
-        raise data_lib.DataError(why)
     parts, extras = [], []
     for f, (rest, held, inner_fit, inner_val) in enumerate(folds):
         log(f"cross-fitting: fold {f + 1} of {len(folds)} ({len(rest)} rows train, {len(held)} held)")
@@ -262,10 +260,10 @@ def fit(team, train, log=print, progress=True, fold_extra=None):
     rec = train_split(team, train, fit_idx, val_idx, raw, log=log)
     team.training = rec
     small = len(train) < cfg.crossfit_below and not cfg.adapt
-    why_not = crossfit_folds(train.labels, cfg)[1] if small else None
+    folds, why_not = crossfit_folds(train.labels, cfg) if small else (None, None)
     if small and why_not is None:
         log(f"composition: {len(train)} rows < {cfg.crossfit_below}, so every choice is cross-fitted over all rows")
-        ev, rec.crossfit_extra = crossfit_evidence(team, train, raw, log, fold_extra)
+        ev, rec.crossfit_extra = crossfit_evidence(team, train, raw, log, folds, fold_extra)
         rec.crossfit = ev
     else:  # (an adapted encoder has seen every fit row, so out-of-fold rows would not be held apart from it)
         if why_not:  # the stated fallback: too few rows to cross-fit
