@@ -222,7 +222,7 @@ def crossfit_evidence(team, train, raw, log, folds, fold_extra=None):
         join(lambda ev: ev.lexical_flops), first.head_flops, cfg.folds, cfg.seed), extra
 
 
-def adapt_stage(team, train, fit_idx, val_idx, log):
+def adapt_stage(team, train, fit_idx, val_idx, log, adapt_fn=adapt):
     """Train each encoder named in cfg.adapt on the task (its own head, the fit rows; early stopping on the
     validation rows); the team then reads its features from the adapted encoder. Resumable: step
     checkpoints live in cache/adapt/<expert>-<base sha>/."""
@@ -233,15 +233,16 @@ def adapt_stage(team, train, fit_idx, val_idx, log):
         log(f"adaptation: {name} ({settings.method})")
         base = team.expert(name)
         work = ADAPT_CACHE / f"{Path(name).name}-{base.weights_sha256[:12]}-{settings.method}-{team.cfg.seed}"
-        adapted, delta, info = adapt(base, texts_fit, train.labels[fit_idx], texts_val, train.labels[val_idx],
+        adapted, delta, info = adapt_fn(base, texts_fit, train.labels[fit_idx], texts_val, train.labels[val_idx],
                                      settings, log=log, work_dir=work)
         team._experts[name, False], team.deltas[name] = adapted, delta  # (name, int8) keys, see Team.expert
         team.metrics["adapt"][name] = info
 
 
-def fit(team, train, log=print, progress=True, fold_extra=None):
+def fit(team, train, log=print, progress=True, fold_extra=None, adapt_fn=adapt):
     """Stages 1-3 and the composition on `train` (a TextDataset) -> the team, with team.training set.
-    fold_extra: see crossfit_evidence (only called when the data is small enough to cross-fit)."""
+    fold_extra: see crossfit_evidence (only called when the data is small enough to cross-fit); adapt_fn: the
+    adaptation step, adaptation.adapt's signature (experiments pass one that keeps each finished one on disk)."""
     cfg = team.cfg
     train, facts = data_lib.clean_training(train)
     for line in facts["notes"]:
@@ -252,7 +253,7 @@ def fit(team, train, log=print, progress=True, fold_extra=None):
                                  f"(at least a few per class)")
     team.protocol = dict(train.protocol, n_fit=len(fit_idx), n_val=len(val_idx), cleaning=facts["counts"])
     if cfg.adapt:
-        adapt_stage(team, train, fit_idx, val_idx, log)
+        adapt_stage(team, train, fit_idx, val_idx, log, adapt_fn)
     raw = {}
     for name in cfg.encoders:
         log(f"features: {name}")
