@@ -1,15 +1,17 @@
 """`python -m minislm.experiments {ag_news,imdb,dbpedia_14,ag_news-1k,imdb-1k,all}`: the results tables.
 
 Each protocol (minislm.data.PROTOCOLS) runs every row over --seeds (default 0 1 2) and writes
-notebooks/results/<protocol>.json, a Markdown table and a PNG beside it. Every finished seed is kept in
-cache/experiments/<protocol>/seed-<s>.json, so an interrupted run resumes at the first unfinished seed
-(--fresh starts over). --quick trains every head for 3 epochs on one seed: a smoke run, not for results.
+notebooks/results/<protocol>.json, a Markdown table and a PNG beside it. Each finished unit of a seed (every
+adaptation of an expert, then the seed's team training and rows; see units.py) is a file in
+cache/experiments/<run>/, so a rerun of the same command skips the finished units, one log line each, and
+rebuilds the results files from the seed units (--fresh starts over). --quick trains every head for 3 epochs
+on one seed: a smoke run, not for results.
 --int8 adds the rows of kind "int8" (each encoder's single row and the checkpoint's cascade on int8 encoders);
 its seeds resume from their own folder, cache/experiments/<protocol>-int8/, as a finished seed keeps no team
 to score again.
 """
 import argparse
-import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 
 from minislm import data
 from minislm.atomic import write_json, write_text
-from minislm.experiments import aggregate, guide, seed_run, summary
+from minislm.experiments import aggregate, guide, seed_run, summary, units
 from minislm.team.adaptation import AdaptSettings
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -31,19 +33,20 @@ def run_dir(protocol, quick, experts=None, adapt=None, int8=False, crossfit_belo
     tag = "" if not experts else "-" + "-".join(Path(e).name for e in experts)
     tag += f"-crossfit-below-{crossfit_below}" if crossfit_below is not None else ""
     if adapt:
-        tag += "-adapt-" + "-".join(f"{seed_run.adapt_tag(s)}-{Path(e).name}" for e, s in adapt.items())
+        tag += "-adapt-" + "-".join(f"{units.adapt_tag(s)}-{Path(e).name}" for e, s in adapt.items())
     tag += "-int8" if int8 else ""
     return REPO / "cache" / "experiments" / f"{protocol}{'-quick' if quick else ''}{tag}"
 
 
 def seed_file(protocol, seed, quick, experts=None, adapt=None, int8=False, crossfit_below=None):
-    return run_dir(protocol, quick, experts, adapt, int8, crossfit_below) / f"seed-{seed}.json"
+    return units.seed_unit(run_dir(protocol, quick, experts, adapt, int8, crossfit_below), seed)
 
 
 def finished_seeds(folder):
-    """Every seed result in a run's folder, by seed."""
-    files = sorted(folder.glob("seed-*.json"), key=lambda f: int(f.stem.split("-")[1])) if folder.is_dir() else []
-    return [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    """Every seed unit (the team and its rows) in a run's folder, by seed."""
+    files = [f for f in folder.glob("seed-*.json") if re.fullmatch(r"seed-\d+", f.stem)] if folder.is_dir() else []
+    files.sort(key=lambda f: int(f.stem.split("-")[1]))
+    return [r for r in map(units.read_seed, files) if r is not None]
 
 
 def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=False, save_model=None,
@@ -52,15 +55,17 @@ def run_protocol(protocol, seeds, out_dir, data_dir=None, quick=False, fresh=Fal
     train, test = data.protocol_splits(protocol, data_dir)
     config = {**({"experts": list(experts)} if experts else {}), **({"adapt": adapt} if adapt else {}),
               **({"crossfit_below": crossfit_below} if crossfit_below is not None else {})}
+    folder = run_dir(protocol, quick, experts, adapt, int8, crossfit_below)
     for i, seed in enumerate(seeds):
         f = seed_file(protocol, seed, quick, experts, adapt, int8, crossfit_below)
-        if f.exists() and not fresh and not (save_model and i == 0):
-            log(f"{protocol} seed {seed}: done before ({f})")
+        if not fresh and not (save_model and i == 0) and units.read_seed(f, log) is not None:
+            for u in [*units.finished_adapt_units(folder, seed), f]:
+                log(units.skipped(u))
             continue
         log(f"{protocol} seed {seed}")
         res, team = seed_run.run_seed(protocol, train, test, seed, quick=quick, log=log,
                                       search_trials=search_trials if i == 0 and not quick and not adapt and not int8
-                                      else 0, int8=int8, **config)
+                                      else 0, int8=int8, units_dir=folder, fresh=fresh, **config)
         if save_model and i == 0:
             team.save(save_model, command=f"python -m minislm.experiments {protocol} --save-model {save_model}")
             log(f"saved {save_model}")

@@ -3,8 +3,9 @@
 The seed moves the validation carve-out, data order, initialisation and dropout; the frozen features come
 from the cache (minislm.experts.features), so a seed costs only the heads. Every row records its validation
 accuracy (the rows choices are made on) beside its test accuracy (never used for a choice), its cost, its
-parameters and its test predictions (for the paired statistics). A finished seed is written to
-cache/experiments/<protocol>/seed-<s>.json, so an interrupted run resumes at the first unfinished seed.
+parameters and its test predictions (for the paired statistics). A seed's units (units.py: each adaptation,
+then the team and its rows) are files in its run's folder, so an interrupted run resumes at the first
+unfinished unit.
 With int8=True the table also holds rows of kind "int8": each encoder's single row and the checkpoint's
 cascade again, their encoders on int8 weights (int8_rows).
 """
@@ -17,8 +18,10 @@ from minislm.collab import ensembles, losses, trainer
 from minislm.collab.optim import leaves
 from minislm.collab.trainer import TrainConfig
 from minislm.experiments.stats import macro_f1
+from minislm.experiments.units import adapt_tag, kept_adapt
 from minislm.experts.registry import EXPERTS
 from minislm.team import Team, TeamConfig, cascade
+from minislm.team.adaptation import adapt
 from minislm.team.composition import Composition, crossfit_stack
 from minislm.team.costs import head_flops
 from minislm.team.team import LEXICAL, short
@@ -53,11 +56,6 @@ class Table:
 
     def val_acc(self, probs):
         return float((probs.argmax(1) == self.y_val).mean())
-
-
-def adapt_tag(settings):
-    """AdaptSettings -> how a row names the method: "lora-r8", "top2" or "full"."""
-    return {"lora": f"lora-r{settings.rank}", "topk": f"top{settings.top_k}", "full": "full"}[settings.method]
 
 
 def label(cfg, e):
@@ -119,15 +117,18 @@ def crossfit_validation(tab, rec, comp, cfg):
             row.update(val_basis=f"the {len(rec.y_val)}-row validation split", selectable=False)
 
 
-def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=0, int8=False, **config):
+def run_seed(protocol, train, test, seed, quick=False, log=print, search_trials=0, int8=False, units_dir=None,
+             fresh=False, **config):
     """-> (dict with the seed's rows and records, the trained team). config: more TeamConfig fields; int8: also
-    the int8 rows."""
+    the int8 rows; units_dir: where each finished adaptation is kept as a unit (units.py) and found again
+    (fresh: never found)."""
     t0 = time.time()
     tc = TrainConfig(seed=seed, epochs=3 if quick else TrainConfig.epochs)
     if config.get("adapt"):  # the seed moves the adaptation's data order and initialisation too
         config["adapt"] = {e: dataclasses.replace(s, seed=seed) for e, s in config["adapt"].items()}
     cfg = TeamConfig(**{"dataset": train.name, "label_names": train.label_names, "train": tc, "seed": seed, **config})
-    team = fit(Team(cfg), train, log=log, fold_extra=crossfit_fusions(cfg))
+    adapt_fn = kept_adapt(units_dir, fresh, log) if units_dir is not None else adapt
+    team = fit(Team(cfg), train, log=log, fold_extra=crossfit_fusions(cfg), adapt_fn=adapt_fn)
     fit_seconds = time.time() - t0
     rec = team.training
     y_test = test.labels
@@ -266,7 +267,7 @@ def int8_rows(team, rec, test, tab, feats_test, p_lex_test, flops_test, log):
     try:
         for name in cfg.encoders:
             feats_test8[name] = team.standardized(name, team.encoder_features(name, test.texts, split=test.split))
-            feats_val8[name] = team.standardized(name, team.encoder_features(name, rec.texts_val))
+            feats_val8[name] = team.standardized(name, team.encoder_features(name, rec.texts_val, split="val"))
     finally:
         team.use_int8(False)
 
