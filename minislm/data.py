@@ -139,10 +139,14 @@ def _read_table(path):
                ".json": Dataset.from_json}
     if path.is_dir():
         raise DataError(f"{path} is a directory; pass a CSV, Parquet or JSONL file")
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path} does not exist; check the path")
     if path.suffix.lower() not in readers:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl")
+    if not path.is_file():  # a FIFO, /dev/stdin, a process substitution: read once, front to back
+        if path.suffix.lower() == ".parquet":
+            raise DataError(f"{path} is a pipe, and Parquet is read from its end; save it to a file first")
+        return _read_stream(path)
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # a bar per file read would mix into the one line an error is reported in
     try:
@@ -159,6 +163,39 @@ def _read_table(path):
             datasets.enable_progress_bars()
     if len(ds) == 0:
         raise DataError(f"{path}: the file has no rows; it needs at least one")
+    return ds
+
+
+def _read_stream(path):
+    """A CSV or JSONL pipe -> datasets.Dataset, read in one pass (CSV cells as text, as _read_csv)."""
+    from datasets import Dataset
+
+    if path.suffix.lower() == ".csv":
+        ds = _read_csv(path)
+    else:
+        rows = []
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path} is not valid UTF-8 (line {n}); re-save it as UTF-8") from e
+                except ValueError as e:
+                    raise DataError(f"{path}: line {n} is not JSON ({e}); each line must be one object") from e
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}: line {n} is a JSON {type(obj).__name__}, not an object; each line "
+                                    f"must be one object such as {{\"text\": \"...\"}}")
+                rows.append(obj)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        try:
+            ds = Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
+        except Exception as e:  # pyarrow refuses a column of mixed types
+            raise DataError(f"{path} could not be read as jsonl ({str(e).splitlines()[0][:160]}); give each key "
+                            f"one type of value") from e
+    if len(ds) == 0:
+        raise DataError(f"{path}: the input has no rows; it needs at least one")
     return ds
 
 

@@ -13,7 +13,13 @@ the settings: a changed input or changed settings is refused (restart=True start
 
 Why a full sha256 and not size + mtime + a sample: a sample misses an edit in the middle of the file, and mtime
 changes on a mere copy. Hashing reads at disk speed (about a second per GB), while classifying that GB takes
-hours, so the full hash is the honest identity at a negligible cost.
+hours, so the full hash is the honest identity at a negligible cost. For the same reason the input must be a
+regular file: a pipe can be read only once.
+
+The output is checked before any work (a known type, not a folder, in a writable folder) and never replaces a
+file that is already there unless overwrite=True (--overwrite) or it is this work's own output being resumed.
+The run holds the output's lock (atomic.exclusive: .<name>.lock beside it), so a second run on the same output
+is refused at once instead of mixing its parts into the first one's.
 
 Output columns, one row per input row, in input order:
     <id_column>   the input's id, when one is named (its Parquet type kept; CSV cells stay text)
@@ -33,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minislm.atomic import atomic_path, write_json
+from minislm.atomic import LockedError, atomic_path, exclusive, unwritable, write_json
 
 FORMATS = (".parquet", ".csv", ".jsonl")
 MAX_TEXT_CHARS = 100_000   # longer texts are cut here, as in classify (the encoders read max_len tokens anyway)
@@ -421,6 +427,45 @@ def _common_schema(schemas):
     return pa.schema(fields)
 
 
+def saved_progress(out):
+    """-> (rows, chunks) saved in <out>.parts by an unfinished run, or None when there is none."""
+    try:
+        m = json.loads(_manifest_path(work_dir(out)).read_text(encoding="utf-8"))
+        return int(m["rows_done"]), int(m["chunks_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_output(out, overwrite=False):
+    """Refuse, before any work, an output that cannot be written or would replace a file of the user's: an
+    unknown type, a folder, a folder that cannot be written, or an existing file (unless overwrite, or it is
+    this module's output with its unfinished work in <out>.parts beside it)."""
+    out = Path(out)
+    file_format(out, "output")
+    if out.is_dir():
+        raise StreamError(f"the output {out} is a folder; name a .parquet, .csv or .jsonl file to write")
+    if out.exists() and not out.is_file():
+        raise StreamError(f"the output {out} is not a regular file (a pipe or a device?); name a .parquet, .csv "
+                          f"or .jsonl file to write")
+    if out.exists() and not overwrite and saved_progress(out) is None:
+        raise StreamError(f"the output {out} already exists; pass --overwrite (overwrite=True) to replace it, or "
+                          f"name a new file (nothing was changed)")
+    why = unwritable(out.parent)
+    if why:
+        raise StreamError(f"the output {out} cannot be written ({why}); choose a writable folder")
+
+
+def _check_input(path):
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise StreamError(f"{path} is a directory; pass a .parquet, .csv or .jsonl file")
+    if path.exists():
+        raise StreamError(f"{path} is not a regular file (a pipe?); writing to an output reads the input twice "
+                          f"(its sha256 keys the resume), so save it to a file first")
+    raise StreamError(f"{path} does not exist; check the path")
+
+
 # ---- the whole run ---------------------------------------------------------------------------------------
 def tier_mix(counts):
     """Exit-tier counts [K] -> "t0 81% t1 12% ..." for a progress bar."""
@@ -429,10 +474,11 @@ def tier_mix(counts):
 
 
 def classify_file(team, model_folder, input_path, out, settings=None, restart=False, progress=False,
-                  on_chunk=None):
+                  on_chunk=None, overwrite=False):
     """Classify every row of `input_path` into `out`, chunk by chunk, resuming from <out>.parts when a run
     was interrupted. team: a loaded Team; model_folder: its checkpoint folder (part of the settings' identity).
-    on_chunk(k, rows_done), when given, is called after part k is safely written.
+    on_chunk(k, rows_done), when given, is called after part k is safely written. An existing `out` is
+    replaced only with overwrite=True (or when it is this work's own, being resumed).
 
     -> summary dict: rows, chunks, resumed_from (chunks already done), seconds, docs_per_s (of this run's
     rows), tier_counts [K]."""
@@ -440,11 +486,20 @@ def classify_file(team, model_folder, input_path, out, settings=None, restart=Fa
     input_path, out = Path(input_path), Path(out)
     file_format(out, "output")
     in_fmt = file_format(input_path)
-    if not input_path.is_file():
-        raise StreamError(f"{input_path} does not exist; check the path" if not input_path.is_dir() else
-                          f"{input_path} is a directory; pass a .parquet, .csv or .jsonl file")
+    _check_input(input_path)
     if out.resolve() == input_path.resolve():
         raise StreamError(f"the output {out} is the input; write the answers to another file")
+    check_output(out, overwrite)
+    try:
+        with exclusive(out):
+            return _classify_file(team, model_folder, input_path, out, settings, in_fmt, restart, progress,
+                                  on_chunk)
+    except LockedError as e:
+        raise StreamError(f"the output {out} is being written by another run (process {e.pid or 'unknown'}); wait "
+                          f"for it to finish or name another output (nothing was changed)") from None
+
+
+def _classify_file(team, model_folder, input_path, out, settings, in_fmt, restart, progress, on_chunk):
     names = team.cfg.label_names
     check_id_column(settings.id_column, names)
     last = len(team.cfg.experts) - 1
@@ -500,7 +555,7 @@ def classify_file(team, model_folder, input_path, out, settings=None, restart=Fa
 
 
 def run_stream(input_path, out, model, text_column="text", id_column=None, chunk_size=1000, max_tier=None,
-               max_flops=None, restart=False, progress=True, on_chunk=None, team=None):
+               max_flops=None, restart=False, progress=True, on_chunk=None, team=None, overwrite=False):
     """The command-line entry: load the team in `model` (a checkpoint folder; or pass it loaded as `team`),
     classify `input_path` into `out` (see classify_file) and return its summary. Errors are StreamError /
     CheckpointError (both ValueError): one line each, naming the remedy."""
@@ -511,4 +566,4 @@ def run_stream(input_path, out, model, text_column="text", id_column=None, chunk
     settings.check()
     team = Team.load(model) if team is None else team
     return classify_file(team, model, input_path, out, settings, restart=restart, progress=progress,
-                         on_chunk=on_chunk)
+                         on_chunk=on_chunk, overwrite=overwrite)
