@@ -9,7 +9,10 @@ carved from the training rows (minislm.team.training). With --dataset the protoc
 at the end and the accuracy is stored in the checkpoint.
 
 Nothing is lost: every setting and the destination are checked before any work (--out must be new, empty or
-a minislm checkpoint, and writable), and the checkpoint is swapped in only when complete.
+a minislm checkpoint, and writable), the destination is locked for the whole run (a second training into the
+same --out is refused at once), and the checkpoint is swapped in only when complete. The log on standard output
+is only a log: a closed pipe (`| head -1`), a full disk (`> /dev/full`) or a closed stdout stops the log, never
+the training; the checkpoint is still saved, and stderr says so.
 Exit codes: 0 ok, 2 bad input (one line on stderr), 1 an unexpected failure, 130 interrupted.
 """
 import dataclasses
@@ -20,7 +23,7 @@ import time
 import numpy as np
 
 from minislm import data
-from minislm.cli import Parser
+from minislm.cli import Log, Parser, error, reserve_standard_fds, say
 from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
 from minislm.experts import registry
@@ -62,7 +65,15 @@ def check_settings(args):
 
 def run(args, log=print):
     checkpoint.check_destination(args.out)
+    with checkpoint.locked(args.out):
+        return _run(args, log)
+
+
+def _run(args, log):
     cfg = check_settings(args)
+    empty = [e for e in args.experts if not str(e).strip()]
+    if empty:
+        raise ValueError(f"--experts holds an empty name ({args.experts}); name each expert or model folder")
     for name in [*cfg.encoders, registry.LEXICAL_TOKENIZER]:
         if name in registry.EXPERTS:
             registry.expert_dir(name)  # prepared and intact, or an error naming the fetch command
@@ -141,22 +152,25 @@ def main(argv=None):
     except SystemExit as e:
         return 2 if e.code else 0
     args.argv = argv
+    reserve_standard_fds()
+    log = Log()
     try:
-        run(args)
+        run(args, log)
     except KeyboardInterrupt:
-        print("interrupted: nothing was saved; the previous checkpoint at --out (if any) is untouched",
-              file=sys.stderr)
+        say("interrupted: nothing was saved; the previous checkpoint at --out (if any) is untouched")
         return 130
     except (ValueError, TypeError, OSError) as e:  # DataError, CheckpointError and bad settings are ValueErrors
         if os.environ.get("MINISLM_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        error(e)
         return 2
     except Exception as e:  # anything else: one line, no traceback (MINISLM_DEBUG=1 shows it)
         if os.environ.get("MINISLM_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        error(f"{type(e).__name__}: {e}")
         return 1
+    if log.lost:
+        say(f"saved {args.out} (standard output {log.lost}, so the training log was not shown)")
     return 0
 
 

@@ -7,19 +7,24 @@ A checkpoint folder holds
                        the sha256 of every array (so flipped bytes are found, never served)
     team.safetensors   every array, keyed "<part>/<path>" (e.g. "tier3/head/out/w", "lexical/table")
 Writing assembles the new folder beside the destination and swaps the two in one atomic exchange
-(renameat2 RENAME_EXCHANGE on Linux), so the path always holds a whole checkpoint: the old one, or the new.
+(renameat2 RENAME_EXCHANGE on Linux), so the path always holds a whole checkpoint: the old one, or the new;
+a writer holds the destination's lock (atomic.exclusive) meanwhile, so two never replace each other's.
+Reading checks every field of team.json the API would check (check_meta) before anything is loaded or run:
+a threshold of NaN or 2.0 in a hand-edited file is refused, never served.
 """
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from minislm.atomic import save_safetensors, write_json
+from minislm.atomic import LockedError, exclusive, save_safetensors, write_json
 
 FORMAT = "minislm-team"
 VERSION = 2
@@ -110,6 +115,17 @@ def check_destination(folder):
                               f"folder") from e
 
 
+@contextmanager
+def locked(folder):
+    """Hold the destination's lock for a whole run (train's, from before the data is read to the swap)."""
+    try:
+        with exclusive(folder):
+            yield
+    except LockedError as e:
+        raise CheckpointError(f"--out {folder} is being written by another training (process {e.pid or 'unknown'});"
+                              f" wait for it to finish or choose another folder (nothing was changed)") from None
+
+
 # ---- write and read -------------------------------------------------------------------------------------------
 def _exchange(a, b):
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE) -> True, or False where unsupported."""
@@ -127,6 +143,11 @@ def write(folder, meta, arrays):
     one is complete. meta: JSON-able dict; arrays: name -> float32 array."""
     folder = Path(folder)
     check_destination(folder)
+    with locked(folder):
+        return _write(folder, meta, arrays)
+
+
+def _write(folder, meta, arrays):
     folder.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, format=FORMAT, version=VERSION,
                 arrays_sha256={k: array_sha256(v) for k, v in sorted(arrays.items())})
@@ -175,7 +196,144 @@ def read_meta(folder):
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{f} has checkpoint version {meta.get('version')}, this minislm reads {VERSION}; "
                               f"train it again with this version (`{TRAIN_COMMAND}`)")
+    problem = meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{f}: {problem}; the checkpoint is damaged or was edited: train it again "
+                              f"(`{TRAIN_COMMAND}`) or restore it")
     return meta
+
+
+# ---- what team.json may hold ------------------------------------------------------------------------------
+def _is_whole(v, lo=0, hi=None):
+    return (not isinstance(v, bool) and isinstance(v, int) and v >= lo and (hi is None or v <= hi))
+
+
+def _is_number(v, lo, hi, open_hi=False):
+    return (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and lo <= v
+            and (v < hi if open_hi else v <= hi))
+
+
+def _name_list(v):
+    return isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v)
+
+
+def _collab_problem(c, where, n_classes):
+    """A stored CollabConfig (collab/model.py) -> what is wrong with it, or None."""
+    from minislm.collab.fusion import FUSIONS
+
+    if not isinstance(c, dict):
+        return f"{where} must be an object, found {type(c).__name__}"
+    checks = {
+        "experts": lambda v: _name_list(v) and v,
+        "in_layers": lambda v: isinstance(v, list) and len(v) == len(c.get("experts") or []) and all(
+            _is_whole(x, 1, 10_000) for x in v),
+        "in_dims": lambda v: isinstance(v, list) and len(v) == len(c.get("experts") or []) and all(
+            _is_whole(x, 1, 10 ** 7) for x in v),
+        "n_classes": lambda v: v == n_classes,
+        "fusion": lambda v: v in FUSIONS,
+        "proj_dim": lambda v: _is_whole(v, 0, 8192),
+        "head_hidden": lambda v: _is_whole(v, 0, 8192),
+        "dropout": lambda v: _is_number(v, 0.0, 1.0, open_hi=True),
+        "gate": lambda v: v in ("softmax", "noisy_topk"),
+        "top_k": lambda v: _is_whole(v, 1, 64),
+        "balance": lambda v: _is_number(v, 0.0, 100.0),
+        "gate_input": lambda v: isinstance(v, str),
+    }
+    for key, ok in checks.items():
+        if key in c and not ok(c[key]):
+            return f"{where}.{key} is {c[key]!r}, not a valid value"
+    return None
+
+
+def _lexical_problem(lex, n_classes):
+    if not isinstance(lex, dict) or not isinstance(lex.get("config"), dict):
+        return "lexical must be an object with a config"
+    if not isinstance(lex.get("tokenizer"), str) or not lex["tokenizer"].strip():
+        return f"lexical.tokenizer is {lex.get('tokenizer')!r}, not an expert name or folder"
+    c = lex["config"]
+    checks = {
+        "vocab_size": lambda v: _is_whole(v, 1, 10 ** 7), "n_buckets": lambda v: _is_whole(v, 1, 1 << 26),
+        "seed": lambda v: _is_whole(v, 0, 2 ** 64 - 1), "n_classes": lambda v: v == n_classes,
+        "word_ngrams": lambda v: _is_whole(v, 0, 8), "piece_ngrams": lambda v: _is_whole(v, 0, 8),
+        "special_ids": lambda v: isinstance(v, list) and all(_is_whole(x, 0) for x in v),
+        "c_grid": lambda v: isinstance(v, list) and v and all(_is_number(x, 1e-12, 1e12) for x in v),
+        "val_fraction": lambda v: _is_number(v, 0.0, 1.0, open_hi=True),
+    }
+    for key, ok in checks.items():
+        if key in c and not ok(c[key]):
+            return f"lexical.config.{key} is {c[key]!r}, not a valid value"
+    return None
+
+
+def meta_problem(meta):
+    """-> what in a team.json is outside what the API accepts (the first thing found), or None.
+
+    The team config's own fields are checked by TeamConfig on load; here: the label names, the experts and
+    their weights' sha256, the cascade's composition (active tiers, thresholds: finite, in [0, 1]; answers),
+    every stored head's config, the lexical expert's settings and the adaptation deltas."""
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict):
+        return "config must be an object" if "config" in meta else None  # a missing key: from_state names it
+    names = meta.get("label_names", cfg.get("label_names"))
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n.strip() for n in names)
+            and len(set(names)) == len(names)):
+        return f"label_names must be two or more distinct, non-empty names, found {names!r}"
+    if isinstance(cfg.get("experts"), list) and not _name_list(cfg["experts"]):
+        return f"config.experts must be non-empty names or folders, found {cfg['experts']!r}"
+    experts = meta.get("experts", [])
+    if not isinstance(experts, list):
+        return "experts must be a list"
+    for k, e in enumerate(experts):
+        sha = e.get("weights_sha256") if isinstance(e, dict) else None
+        if (not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"].strip()
+                or not (sha is None or (isinstance(sha, str) and len(sha) == 64
+                                        and all(ch in "0123456789abcdef" for ch in sha)))):
+            return f"experts[{k}] must name an expert and its weights' sha256 (64 hex digits), found {e!r}"
+    comp = meta.get("composition")
+    if comp is not None:
+        if not isinstance(comp, dict):
+            return "composition must be an object"
+        active, thresholds = comp.get("active"), comp.get("thresholds")
+        if not (isinstance(active, list) and active and all(_is_whole(k, 0, 64) for k in active)):
+            return f"composition.active must be tier numbers, found {active!r}"
+        if not (isinstance(thresholds, list) and len(thresholds) == len(active) - 1):
+            return (f"composition.thresholds must be {len(active) - 1} number(s), one per active tier but the "
+                    f"last, found {thresholds!r}")
+        bad = [t for t in thresholds if not _is_number(t, 0.0, 1.0)]
+        if bad:
+            return f"composition.thresholds must be finite confidences in [0, 1], found {bad[0]!r}"
+        answers = comp.get("answers")
+        if not isinstance(answers, dict) or not all(
+                isinstance(a, dict) and a.get("kind") in ("single", "stack", "fused") and _name_list(a.get("experts"))
+                for a in answers.values()):
+            return "composition.answers must give each active tier a kind (single, stack, fused) and its members"
+    n_classes = len(names)
+    heads = [(f"singles[{n!r}]", c) for n, c in (meta.get("singles") or {}).items()] if isinstance(
+        meta.get("singles", {}), dict) else [("singles", None)]
+    tiers = meta.get("tiers", [])
+    heads += [(f"tiers[{k}]", c) for k, c in enumerate(tiers) if c is not None] if isinstance(tiers, list) else [
+        ("tiers", None)]
+    if meta.get("router") is not None:
+        heads.append(("router", meta["router"]))
+    for where, c in heads:
+        problem = _collab_problem(c, where, n_classes)
+        if problem:
+            return problem
+    if "lexical" in meta:
+        problem = _lexical_problem(meta["lexical"], n_classes)
+        if problem:
+            return problem
+    deltas = meta.get("deltas", {})
+    if not isinstance(deltas, dict) or not all(isinstance(d, dict) for d in deltas.values()):
+        return "deltas must map expert names to objects"
+    for name, d in deltas.items():
+        sha = d.get("base_sha256")
+        if not (isinstance(sha, str) and len(sha) == 64):
+            return f"deltas[{name!r}].base_sha256 must be 64 hex digits, found {sha!r}"
+    for key in ("protocol", "metrics"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key} must be an object"
+    return None
 
 
 def read(folder):
