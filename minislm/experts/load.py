@@ -76,10 +76,41 @@ class Expert:
         return out
 
 
+# config.json fields read as whole numbers (encoder/config.py), each with the least value that makes sense
+WHOLE_FIELDS = {"hidden_size": 1, "num_attention_heads": 1, "vocab_size": 1, "num_hidden_layers": 1,
+                "intermediate_size": 1, "max_position_embeddings": 1, "type_vocab_size": 0, "pad_token_id": 0,
+                "relative_attention_num_buckets": 1}
+
+
+def check_config_values(folder):
+    """Refuse a config.json whose numbers are not numbers ("384px", NaN, 12.5 layers, true), naming the file
+    and the field, before anything is built from it (the encoder's reader would say only "invalid literal")."""
+    file = Path(folder) / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_config reports an unreadable or invalid file itself
+    if not isinstance(raw, dict):
+        return
+    for key, lo in WHOLE_FIELDS.items():
+        v = raw.get(key)
+        if key in raw and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise WeightsError(f"{file}: field {key!r} is {v!r}, not a whole number >= {lo}; restore the model "
+                               f"folder's config.json (or fetch the expert again)")
+    eps = raw.get("layer_norm_eps", 1e-12)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1):
+        raise WeightsError(f"{file}: field 'layer_norm_eps' is {eps!r}, not a small positive number; restore the "
+                           f"model folder's config.json (or fetch the expert again)")
+
+
 def resolve_folder(name_or_path):
-    """An expert's registry name or a folder path -> (name, folder)."""
+    """An expert's registry name or a folder path -> (name, folder). A folder holding a manifest (a prepared
+    expert named by its path) is checked against it as a name would be."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"an expert is named by a string or a folder path, got {name_or_path!r}")
+    if not str(os.fspath(name_or_path)).strip():  # Path("") is the current folder: never load it by accident
+        raise FileNotFoundError(f"an expert name is empty; pass one of {', '.join(registry.EXPERTS)} or the path "
+                                f"of a model folder")
     if name_or_path in registry.EXPERTS:
         return name_or_path, registry.expert_dir(name_or_path)  # checked against its manifest
     base = str(name_or_path).removesuffix(registry.INT8_SUFFIX)
@@ -87,6 +118,11 @@ def resolve_folder(name_or_path):
         return name_or_path, registry.int8_dir(base)           # likewise
     path = Path(name_or_path)
     if path.is_dir():
+        if registry.read_manifest(path) is not None:
+            problems = registry.integrity_problems(path) or registry.content_problems(path)
+            if problems:
+                raise registry.DamagedExpertError(f"{path} is damaged ({'; '.join(problems)}); prepare it again "
+                                                  f"(`{registry.FETCH_COMMAND}` for a pretrained expert)")
         return str(path), path
     raise FileNotFoundError(f"{name_or_path!r} is neither a known expert ({', '.join(registry.EXPERTS)}) nor a "
                             f"model folder; pass one of those names or the path of a folder with config.json, "
@@ -97,6 +133,7 @@ def load_expert(name_or_path):
     """Registry name (or <name>-int8) or folder (float32 or int8) -> Expert, every weight checked against
     config.json."""
     name, folder = resolve_folder(name_or_path)
+    check_config_values(folder)
     if (Path(folder) / registry.INT8_META).is_file():
         return load_int8_folder(name, folder)
     hf = load_folder(folder)
