@@ -553,6 +553,27 @@ def set_int8_keys(result):
     result["int8_l6_latency_vs_onnxruntime_int8"] = small.get("int8_vs_onnxruntime_int8")
 
 
+def _fetch_first(names, registry):
+    """Fetch the experts the bench runs that are not prepared yet, as classify does on first use -> None, or
+    exit code 2 after one line naming the problem and the command (a child process would fail with a
+    traceback instead)."""
+    from minislm.experts import fetch
+
+    try:
+        for name in names:
+            if name not in registry.EXPERTS:
+                raise ValueError(f"unknown expert {name!r}; the bench runs {', '.join(registry.EXPERTS)}")
+        todo = [n for n in dict.fromkeys([*names, INT8_EXPERT]) if registry.state(registry.weights_dir() / n) != "prepared"]
+        if todo:
+            print(f"fetching {', '.join(todo)} (first use) ...", file=sys.stderr)
+            fetch.fetch(todo, progress=lambda s: print(s, file=sys.stderr))
+    except (ValueError, OSError, fetch.FetchError) as e:
+        print(f"error: {e}; prepare the experts with `{registry.FETCH_COMMAND}`, then run the bench again",
+              file=sys.stderr)
+        return 2
+    return None
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(v in os.environ for v in BLAS_VARS) and "--keep-blas-env" not in argv:
@@ -573,6 +594,10 @@ def main(argv=None):
     ap.add_argument("--encoder-row", help=argparse.SUPPRESS)  # internal: one expert's timings, as JSON
     ap.add_argument("--section", choices=["gemm", "attention", "int8"], help=argparse.SUPPRESS)  # internal, as JSON
     args = ap.parse_args(argv)
+    if not (args.encoder_row or args.section):  # the parent run: every expert prepared before any child starts
+        missing = _fetch_first(args.experts, registry)
+        if missing:
+            return missing
 
     # The references are imported before Numba starts its OpenMP threads: torch started second would run its
     # own OpenMP pool beside Numba's, and both spin (measured: sdpa 3.3 s instead of 11 ms).

@@ -5,13 +5,15 @@
     verify    hash every byte of every prepared folder against its manifest; exit 2 if any is damaged
     quantize  write an expert's int8 version, <name>-int8/ beside it (minislm.experts.quantized)
 list and verify include the int8 folders that exist.
-Exit codes: 0 ok, 2 usage errors, a damaged folder or an expert to quantize that is not prepared,
-1 a failed download.
+Exit codes: 0 ok, 2 usage errors, a damaged folder, an expert to quantize that is not prepared or a weights
+folder that cannot be written, 1 a failed download. A closed pipe (`list | head`) or a closed stdout ends the
+listing quietly; the exit code still says whether every expert is intact.
 """
 import sys
 from pathlib import Path
 
-from minislm.cli import Parser
+from minislm.atomic import unwritable
+from minislm.cli import Log, Parser, error, reserve_standard_fds
 from minislm.experts import fetch as fetch_lib
 from minislm.experts import quantized, registry
 
@@ -29,20 +31,31 @@ def main(argv=None):
     q.add_argument("names", nargs="+", metavar="NAME", help=f"experts to quantize ({', '.join(registry.ENCODERS)})")
     q.add_argument("--dest", help="the store holding them (default: $MINISLM_WEIGHTS_DIR or weights/experts)")
     q.add_argument("--force", action="store_true", help="write it again even if an intact one is there")
+    reserve_standard_fds()
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return 2 if e.code else 0
+    out = Log()
     try:
+        if args.cmd in ("fetch", "quantize"):
+            for name in (args.only or []) if args.cmd == "fetch" else args.names:
+                registry.source(name)
+            store = Path(args.dest or registry.weights_dir())
+            todo = [n for n in (args.only or registry.EXPERTS)
+                    if registry.state(store / n) != "prepared"] if args.cmd == "fetch" else args.names
+            why = unwritable(store) if todo else None
+            if why:
+                error(f"the weights folder {store} cannot be written ({why}); set MINISLM_WEIGHTS_DIR (or --dest) "
+                      f"to a writable folder")
+                return 2
         if args.cmd == "fetch":
-            for name, folder in fetch_lib.fetch(args.only, args.dest).items():
-                print(f"{name}: {folder}")
+            for name, folder in fetch_lib.fetch(args.only, args.dest, progress=out).items():
+                out(f"{name}: {folder}")
             return 0
         if args.cmd == "quantize":
             for name in args.names:
-                registry.source(name)
-            for name in args.names:
-                quantized.quantize_expert(name, args.dest, force=args.force)
+                quantized.quantize_expert(name, args.dest, force=args.force, progress=out)
             return 0
         store = registry.weights_dir() if args.cmd == "list" or not args.dest else args.dest
         damaged = []
@@ -62,17 +75,20 @@ def main(argv=None):
                 if state.startswith("damaged"):
                     damaged.append((name, remedy))
                 hint = f"  -> run `{remedy}`" if state == "missing" or state.startswith("damaged") else ""
-                print(f"tier {src.tier}  {name:26s} {src.params_m:6.1f} M params  {state}  {folder}{hint}")
+                out(f"tier {src.tier}  {name:26s} {src.params_m:6.1f} M params  {state}  {folder}{hint}")
         if damaged:
-            print(f"error: damaged (files changed since they were prepared): {', '.join(n for n, _ in damaged)}; run "
-                  + " and ".join(f"`{r}`" for r in dict.fromkeys(r for _, r in damaged)) + " to prepare them again",
-                  file=sys.stderr)
+            error(f"damaged (files changed since they were prepared): {', '.join(n for n, _ in damaged)}; run "
+                  + " and ".join(f"`{r}`" for r in dict.fromkeys(r for _, r in damaged)) + " to prepare them again")
             return 2
     except (ValueError, registry.MissingExpertError) as e:  # a missing expert to quantize: fetch it first
-        print(f"error: {e}", file=sys.stderr)
+        error(e)
+        return 2
+    except PermissionError as e:
+        error(f"{e.filename or 'the weights folder'} cannot be written ({e.strerror}); set MINISLM_WEIGHTS_DIR (or "
+              f"--dest) to a writable folder")
         return 2
     except (fetch_lib.FetchError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        error(e)
         return 1
     return 0
 

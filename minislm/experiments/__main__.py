@@ -170,11 +170,19 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        print(f"error: --data-dir {args.data_dir} is not a folder; name the folder holding <dataset>/{{split}}.parquet "
+              f"and labels.json, or leave it out to use $MINISLM_DATA_DIR, data/ or ../shared/data", file=sys.stderr)
+        return 2
     t0 = time.time()
     for p in protocols:
-        result = run_protocol(p, args.seeds, Path(args.out_dir), args.data_dir, args.quick, args.fresh,
-                              args.save_model if len(protocols) == 1 else None, args.search_trials, args.experts,
-                              adapt=adapt or None, int8=args.int8, crossfit_below=args.crossfit_below)
+        try:
+            result = run_protocol(p, args.seeds, Path(args.out_dir), args.data_dir, args.quick, args.fresh,
+                                  args.save_model if len(protocols) == 1 else None, args.search_trials, args.experts,
+                                  adapt=adapt or None, int8=args.int8, crossfit_below=args.crossfit_below)
+        except data.DataError as e:  # a dataset neither in --data-dir (or the usual places) nor on the hub
+            print(f"error: {e}" if "; " in str(e) else f"error: {e}; check --data-dir", file=sys.stderr)
+            return 2
         sel = result["selected"]
         print(f"{p}: best single {sel['best_single']}, best team {sel['best_team']} "
               f"({sel['difference_points']:+.2f} points, McNemar p = {sel['mcnemar_p']:.3g})")
