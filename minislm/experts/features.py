@@ -21,7 +21,7 @@ or disagrees with its space, its .npy's shape or sha256, is reported on one line
 
 Size: bounded by MINISLM_FEATURE_CACHE_GB (default DEFAULT_MAX_GB); after a fill, the least recently used
 shards (a read touches its manifest's mtime) are deleted until the folder is under the bound. On disk a text
-costs (L' x 2H x 4) bytes plus 67 bytes of manifest: 12.3 kB for L3, 21.6 kB for L6, 79.9 kB for MPNet.
+costs (L' x 2H x 4) bytes plus 67 bytes of manifest: 12.4 kB for L3, 21.6 kB for L6, 79.9 kB for MPNet.
 """
 import hashlib
 import io
