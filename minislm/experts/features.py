@@ -199,7 +199,11 @@ class SpaceCache:
         if hashlib.sha256(raw).hexdigest() != meta["npy_sha256"]:
             self._discard(path, f"its .npy's sha256 differs from the manifest's ({len(raw)} bytes)", log)
             return None
-        data = np.load(io.BytesIO(raw), allow_pickle=False)
+        try:
+            data = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            self._discard(path, f"its .npy does not load ({e.__class__.__name__})", log)
+            return None
         if data.dtype != np.float32 or list(data.shape) != meta["shape"]:
             self._discard(path, f"its .npy holds {data.dtype} {list(data.shape)}, not float32 {meta['shape']}", log)
             return None
