@@ -563,7 +563,8 @@ def _fetch_first(names, registry):
         for name in names:
             if name not in registry.EXPERTS:
                 raise ValueError(f"unknown expert {name!r}; the bench runs {', '.join(registry.EXPERTS)}")
-        todo = [n for n in dict.fromkeys([*names, INT8_EXPERT]) if registry.state(registry.weights_dir() / n) != "prepared"]
+        todo = [n for n in dict.fromkeys([*names, INT8_EXPERT])
+                if registry.state(registry.weights_dir() / n) != "prepared"]
         if todo:
             print(f"fetching {', '.join(todo)} (first use) ...", file=sys.stderr)
             fetch.fetch(todo, progress=lambda s: print(s, file=sys.stderr))

@@ -80,8 +80,9 @@ def main(argv=None):
         try:
             experts[name] = load_expert(name)
         except (FileNotFoundError, ValueError, TypeError) as e:
+            taken_for_text = name not in registry.EXPERTS and not args.texts and str(name).strip()
             hint = (" (--experts takes every word after it: put the texts first, `embed \"some text\" --experts "
-                    "NAME`, or end the names with --)") if name not in registry.EXPERTS and not args.texts and str(name).strip() else ""
+                    "NAME`, or end the names with --)") if taken_for_text else ""
             error(f"{e}{hint}")
             return 2
     try:
@@ -92,7 +93,8 @@ def main(argv=None):
             ms = 1000 * (time.perf_counter() - t0)
             out[name] = vecs
             if not args.json:
-                lines = [f"\n{printable(name)}  ({expert.config.n_layers} layers, H={expert.config.hidden}, {ms:.0f} ms)"]
+                lines = [f"\n{printable(name)}  ({expert.config.n_layers} layers, H={expert.config.hidden}, "
+                         f"{ms:.0f} ms)"]
                 sims = cosine_matrix(vecs)
                 for i, t in enumerate(texts):
                     row = " ".join(f"{s:5.2f}" for s in sims[i])
