@@ -113,19 +113,12 @@ def items(texts):
 
 
 def chunks(it, n):
-    """Items -> lists of n (the last shorter). An input error partway (a line that is not UTF-8) first yields
-    the rows read before it, so their answers are printed, then is raised."""
     chunk = []
-    try:
-        for x in it:
-            chunk.append(x)
-            if len(chunk) == n:
-                yield chunk
-                chunk = []
-    except InputError as e:
-        if chunk:
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
             yield chunk
-        raise e
+            chunk = []
     if chunk:
         yield chunk
 
@@ -315,9 +308,10 @@ def main(argv=None):
                         answered += len(held)
                     held = []
         except InputError as e:
-            if getattr(e, "mid_input", False):
-                raise InputError(f"{e} ({answered} answer{'s' if answered != 1 else ''} printed before it, one per "
-                                 f"line above)") from e
+            if getattr(e, "mid_input", False):  # answers go out a whole batch at a time: say where they stop
+                done = (f"{answered} answers printed before it, for lines 1-{answered}" if answered > 1 else
+                        "1 answer printed before it, for line 1" if answered else "no answer printed before it")
+                raise InputError(f"{e} ({done}; the lines after those were not answered)") from e
             raise
         if not seen:
             raise InputError("the input is empty; give at least one text")

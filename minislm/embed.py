@@ -12,6 +12,7 @@ Exit codes: 0 ok, 2 usage or input errors (one line on stderr), 130 interrupted.
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +36,10 @@ def embed_corpus(args):
     if not (args.file and args.out) or len(args.experts) != 1:
         error("--file and --out go together, with one --experts name; e.g. --file docs.parquet --out "
               "emb.parquet --experts all-MiniLM-L6-v2")
+        return 2
+    if Path(args.out).exists() and not args.overwrite:
+        error(f"--out {args.out} already exists; pass --overwrite to replace it, or name a new file (nothing was "
+              f"changed)")
         return 2
     from minislm import distributed
 
@@ -62,6 +67,7 @@ def main(argv=None):
     big.add_argument("--column", default="text")
     big.add_argument("--id-column", help="a column carried into every output row")
     big.add_argument("--out", help="the Parquet file of embeddings to write")
+    big.add_argument("--overwrite", action="store_true", help="replace an existing --out (else refused)")
     big.add_argument("--workers", type=int, default=1, help="Ray actors, one expert each")
     big.add_argument("--ray-address", help="a Ray cluster to connect to (default: a local instance)")
     try:

@@ -33,6 +33,7 @@ Output columns, one row per input row, in input order:
 import csv
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from minislm.atomic import LockedError, atomic_path, exclusive, unwritable, write_json
+from minislm.cli import printable
 
 FORMATS = (".parquet", ".csv", ".jsonl")
 MAX_TEXT_CHARS = 100_000   # longer texts are cut here, as in classify (the encoders read max_len tokens anyway)
@@ -119,26 +121,33 @@ def _parquet_rows(path, cols, skip):
         skip = max(0, skip - batch.num_rows)
 
 
+_UNDECODED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
 def _csv_rows(path, cols, skip):
-    f = open(path, newline="", encoding="utf-8")  # noqa: SIM115 (closed in finally; read lazily)
+    # surrogateescape, then a check per row: a bad byte is reported at its own row, after every row before it
+    # was yielded (strict decoding fails a whole read-ahead buffer early, at a row number that is not its own)
+    f = open(path, newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115 (closed in finally)
     try:
         reader = csv.reader(f)
         try:
             header = next(reader, None)
             if not header:
                 raise StreamError(f"{path}: the file is empty; it needs a header row and at least one row")
+            if any(_UNDECODED.search(c) for c in header):
+                raise StreamError(f"{path} is not valid UTF-8 (in the header row); re-save it as UTF-8")
             for role, c in zip(("text", "id"), cols):
                 if c is not None and c not in header:
                     raise _missing(path, c, header, role)
             where = [header.index(c) if c is not None else None for c in cols]
             for n, row in enumerate(reader):
+                if any(_UNDECODED.search(c) for c in row):
+                    raise StreamError(f"{path} is not valid UTF-8 (row {n + 1} after the header, line "
+                                      f"{reader.line_num}); re-save it as UTF-8")
                 if n < skip:
                     continue
                 cells = [row[i] if i is not None and i < len(row) and row[i] != "" else None for i in where]
                 yield cells[0], cells[1]
-        except UnicodeDecodeError as e:
-            raise StreamError(f"{path} is not valid UTF-8 (near row {reader.line_num}, byte {e.start}); "
-                              f"re-save it as UTF-8") from e
         except csv.Error as e:
             raise StreamError(f"{path} is not a readable CSV file (row {reader.line_num}: {e})") from e
     finally:
@@ -328,9 +337,15 @@ def open_work(out, fingerprint, settings, restart=False):
     elif path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            old_input, old_settings, done = old["input"], old["settings"], int(old["chunks_done"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ResumeError(f"{path} is damaged ({type(e).__name__}); pass restart=True (--restart) to start "
+            old_input, old_settings, done = old["input"], old["settings"], old["chunks_done"]
+            counts = old.get("tier_counts", [])
+            for v in (done, old["rows_done"], *counts):  # whole numbers, or a resume would skip the wrong rows
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"a count is {v!r}")
+            if done > old["rows_done"] or not isinstance(old_input.get("sha256"), str):
+                raise ValueError("the counts do not fit together")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ResumeError(f"{path} is damaged ({type(e).__name__}: {e}); pass restart=True (--restart) to start "
                               f"over") from e
         if old_input["sha256"] != fingerprint["sha256"]:
             raise ResumeError(f"{work} holds work on another input (sha256 {old_input['sha256'][:12]}... of "
@@ -522,7 +537,7 @@ def _classify_file(team, model_folder, input_path, out, settings, in_fmt, restar
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=rows_done, unit=" docs", desc=input_path.name, smoothing=0.1)
+        bar = tqdm(total=total, initial=rows_done, unit=" docs", desc=printable(input_path.name), smoothing=0.1)
     t0, new_rows = time.perf_counter(), 0
     ids_as = id_type(input_path, settings.id_column)
     try:

@@ -27,6 +27,7 @@ from minislm.cli import Log, Parser, error, reserve_standard_fds, say
 from minislm.collab.fusion import FUSIONS
 from minislm.collab.trainer import TrainConfig
 from minislm.experts import registry
+from minislm.experts.load import check_config_values
 from minislm.team import checkpoint
 from minislm.team.adaptation import AdaptSettings
 from minislm.team.config import GATES, TeamConfig
@@ -77,6 +78,8 @@ def _run(args, log):
     for name in [*cfg.encoders, registry.LEXICAL_TOKENIZER]:
         if name in registry.EXPERTS:
             registry.expert_dir(name)  # prepared and intact, or an error naming the fetch command
+        else:
+            check_config_values(name)  # a folder's config.json numbers, named by file and field
     if args.dataset:
         train_ds, test_ds = data.protocol_splits(args.dataset, args.data_dir)
     else:

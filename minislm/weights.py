@@ -80,6 +80,10 @@ def main(argv=None):
             error(f"damaged (files changed since they were prepared): {', '.join(n for n, _ in damaged)}; run "
                   + " and ".join(f"`{r}`" for r in dict.fromkeys(r for _, r in damaged)) + " to prepare them again")
             return 2
+    except KeyboardInterrupt:  # fetch and quantize build each folder aside and swap it in whole
+        error("interrupted; every expert already prepared is intact and nothing half-made was kept; run the same "
+              "command again to go on")
+        return 130
     except (ValueError, registry.MissingExpertError) as e:  # a missing expert to quantize: fetch it first
         error(e)
         return 2

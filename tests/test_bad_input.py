@@ -140,8 +140,7 @@ CLASSIFY_CASES = {  # case -> (argv after --model, given tmp_path; words the mes
     "missing csv": (lambda d: ["--file", d / "nope.csv"], ["nope.csv", "check the path"]),
     "a directory": (lambda d: ["--file", d], ["is a directory"]),
     "binary file": (lambda d: ["--file", _write(d, "in.bin", b"\x00\x01\x02binary\xff")], ["binary"]),
-    # (a bad line after good ones: the good ones are answered first, tests/test_hardening.py)
-    "invalid UTF-8": (lambda d: ["--file", _write(d, "in.txt", b"\xc3\x28 broken\nfine\n")], ["UTF-8", "line 1"]),
+    "invalid UTF-8": (lambda d: ["--file", _write(d, "in.txt", b"fine\n\xc3\x28 broken\n")], ["UTF-8", "line 2"]),
     "empty file": (lambda d: ["--file", _write(d, "in.txt", b"")], ["empty"]),
     "only empty lines": (lambda d: ["--file", _write(d, "in.txt", "\n  \n\n")], ["every input text (3) is empty"]),
     "wrong --column": (lambda d: ["--file", _write(d, "in.csv", "body,label\nw1,a\n"), "--column", "text"],
@@ -276,7 +275,7 @@ def test_changed_expert_weights_are_caught_not_served(tiny, tmp_path, capsys):
     """The team's encoder is a user's folder: its weights are hashed against the checkpoint's record."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny.ckpt, ckpt)
-    _meta_edit(lambda m: m["composition"].__setitem__("thresholds", [1.0]))(ckpt)  # every row reaches the encoder
+    _meta_edit(lambda m: m["composition"].__setitem__("thresholds", [1.01]))(ckpt)  # every row reaches the encoder
     original = (tiny.bert / "model.safetensors").read_bytes()
     try:
         flip_byte(tiny.bert / "model.safetensors")

@@ -403,6 +403,7 @@ TEAM_JSON_CASES = {  # case -> (edit of team.json, words the error must hold)
     "threshold Infinity": (_set(["composition", "thresholds"], [float("inf")]), ["thresholds", "inf"]),
     "threshold -Infinity": (_set(["composition", "thresholds"], [float("-inf")]), ["thresholds"]),
     "threshold above 1": (_set(["composition", "thresholds"], [1.5]), ["thresholds", "1.5"]),
+    "threshold just above 1": (_set(["composition", "thresholds"], [1.001]), ["thresholds", "1.001"]),
     "threshold below 0": (_set(["composition", "thresholds"], [-0.1]), ["thresholds", "-0.1"]),
     "threshold a string": (_set(["composition", "thresholds"], ["0.5"]), ["thresholds", "'0.5'"]),
     "threshold a boolean": (_set(["composition", "thresholds"], [True]), ["thresholds", "True"]),
@@ -444,6 +445,15 @@ def test_a_team_json_outside_the_api_is_refused(tiny, tmp_path, capsys, case):
     with pytest.raises(CheckpointError):
         Team.load(ckpt)
     assert snapshot(tmp_path) == before
+
+
+def test_the_cascades_never_stop_here_threshold_loads(tiny, tmp_path):
+    """1.01, the threshold grid's "never stop at this tier" (team/cascade.py), is the one value above 1 a
+    trained team may hold."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny.ckpt, ckpt)
+    _set(["composition", "thresholds"], [1.01])(ckpt)
+    assert Team.load(ckpt).composition.thresholds == [1.01]
 
 
 def test_the_saved_team_passes_its_own_check(tiny):
@@ -753,8 +763,8 @@ def test_bad_utf8_midway_says_how_many_answers_were_printed(tiny, tmp_path, caps
         argv = ["--file", "-"]
     code, out, err = run(classify.main, capsys, "--model", tiny.ckpt, "--json", "--batch-size", "2", *argv)
     assert code == 2
-    assert answered_texts(out) == good  # every line before the bad one answered, even mid-batch
-    one_line(err, "not valid UTF-8", "line 6", "5 answers printed before it")
+    assert answered_texts(out) == good[:4]  # the whole batches before the bad line's, in order
+    one_line(err, "not valid UTF-8", "line 6", "4 answers printed before it, for lines 1-4", "not answered")
 
 
 def test_printable_escapes_every_control_and_nothing_else():
@@ -763,3 +773,79 @@ def test_printable_escapes_every_control_and_nothing_else():
     s = "a\x1bb\u2028c\x85d"
     assert json.loads(cli.json_line({"t": s}))["t"] == s and not RAW_CONTROL.search(cli.json_line({"t": s}))
     assert np.all([not RAW_CONTROL.search(cli.printable(chr(c))) for c in range(0x3000)])
+
+
+# ---- siblings: the same classes elsewhere ---------------------------------------------------------------------
+def _stopped_run(tiny, tmp_path, table_input):
+    """An --out run stopped after 2 of 3 chunks -> (output path, its manifest path)."""
+    out = tmp_path / "o.csv"
+
+    def stop(k, rows):
+        if k == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stream.classify_file(tiny.team, tiny.ckpt, table_input[0], out, stream.StreamSettings(chunk_size=10),
+                             on_chunk=stop)
+    return out, stream.work_dir(out) / "manifest.json"
+
+
+@pytest.mark.parametrize("field,value", [("chunks_done", -1), ("chunks_done", "2"), ("rows_done", float("nan")),
+                                         ("rows_done", 1), ("tier_counts", [True, 0])])
+def test_a_hand_edited_resume_manifest_is_refused(tiny, tmp_path, capsys, table_input, field, value):
+    out, manifest = _stopped_run(tiny, tmp_path, table_input)
+    m = json.loads(manifest.read_text())
+    m[field] = value
+    manifest.write_text(json.dumps(m))
+    before = snapshot(tmp_path)
+    code, o, err = run(classify.main, capsys, "--model", tiny.ckpt, "--file", table_input[0], "--out", out,
+                       "--chunk-size", "10", "--quiet")
+    assert code == 2 and o == ""
+    one_line(err, "manifest.json is damaged", "--restart")
+    assert snapshot(tmp_path) == before
+
+
+def test_bad_utf8_midway_with_out_says_what_was_saved(tiny, tmp_path, capsys):
+    rows = "".join(f"w{i} w{i + 1}\n" for i in range(25)).encode()
+    inp = _write(tmp_path, "in.csv", b"text\n" + rows + b"\xc3\x28 broken\n" + rows)
+    code, o, err = run(classify.main, capsys, "--model", tiny.ckpt, "--file", inp, "--out", tmp_path / "o.csv",
+                       "--chunk-size", "10", "--quiet")
+    assert code == 2
+    one_line(err, "not valid UTF-8", "20 rows before it are saved")
+
+
+def test_embed_out_never_replaces_a_file(tiny, tmp_path, capsys):
+    precious = _write(tmp_path, "emb.parquet", b"mine")
+    code, out, err = run(embed.main, capsys, "--file", precious, "--out", precious, "--experts", tiny.bert)
+    assert code == 2 and precious.read_bytes() == b"mine"
+    one_line(err, "already exists", "--overwrite")
+
+
+def test_embed_with_stdout_closed_is_one_line(tiny):
+    r = subprocess.run([sys.executable, "-m", "minislm.embed", "w1", "--experts", str(tiny.bert)], cwd=REPO, env=env(),
+                       stderr=subprocess.PIPE, timeout=60, preexec_fn=_close_stdout)
+    assert r.returncode == 2
+    one_line(r.stderr.decode(), "standard output is closed", "redirect")
+
+
+def test_an_interrupted_fetch_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINISLM_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(fetch_lib, "fetch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, out, err = run(weights.main, capsys, "fetch")
+    assert code == 130 and out == ""
+    one_line(err, "interrupted", "run the same command again")
+
+
+@pytest.mark.experts
+def test_train_checks_a_folder_experts_config_before_reading_data(tiny, tmp_path, capsys, csv_file, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny.bert, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, hidden_size="384px")))
+    monkeypatch.setattr(train.data, "load_file", lambda *a: pytest.fail("data was read before the config"))
+    before = snapshot(tmp_path)
+    code, out, err = run(train.main, capsys, "--file", csv_file, "--out", tmp_path / "o", "--experts", LEXICAL,
+                         folder)
+    assert code == 2 and out == ""
+    one_line(err, "config.json", "'hidden_size'", "384px")
+    assert snapshot(tmp_path) == before

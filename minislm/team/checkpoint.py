@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from minislm.atomic import LockedError, exclusive, save_safetensors, write_json
+from minislm.team.cascade import CANDIDATES
 
 FORMAT = "minislm-team"
 VERSION = 2
 META_FILE, ARRAYS_FILE = "team.json", "team.safetensors"
 TRAIN_COMMAND = "python -m minislm.train"
+NEVER_STOP = float(CANDIDATES[-1])  # the threshold grid's value above every confidence: rows never stop there
 
 
 class CheckpointError(ValueError):
@@ -299,9 +301,10 @@ def meta_problem(meta):
         if not (isinstance(thresholds, list) and len(thresholds) == len(active) - 1):
             return (f"composition.thresholds must be {len(active) - 1} number(s), one per active tier but the "
                     f"last, found {thresholds!r}")
-        bad = [t for t in thresholds if not _is_number(t, 0.0, 1.0)]
+        bad = [t for t in thresholds if not (_is_number(t, 0.0, 1.0) or t == NEVER_STOP)]
         if bad:
-            return f"composition.thresholds must be finite confidences in [0, 1], found {bad[0]!r}"
+            return (f"composition.thresholds must be finite confidences in [0, 1] (or {NEVER_STOP}, never stop "
+                    f"there), found {bad[0]!r}")
         answers = comp.get("answers")
         if not isinstance(answers, dict) or not all(
                 isinstance(a, dict) and a.get("kind") in ("single", "stack", "fused") and _name_list(a.get("experts"))
