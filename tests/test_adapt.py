@@ -90,6 +90,36 @@ def test_lora_gradients_are_the_merged_weights_gradients_projected(tiny):
         np.testing.assert_allclose(got[name], w, atol=ENCODER_GRAD_ATOL * top, rtol=ENCODER_GRAD_RTOL, err_msg=name)
 
 
+def test_lora_gradients_match_torch_autograd(tiny):
+    # the same branches hooked onto transformers' Linears: x -> W x + b + s (x A^T) B^T, loss = <R, h_L>
+    path, expert = tiny
+    cfg = expert.config
+    lora = lora_with_nonzero_b(expert, seed=4)
+    ids, mask = padded_ids(cfg.pad_id, [9, 5, 7])
+    R = (np.random.default_rng(1).standard_normal((3, 9, cfg.hidden)) * mask[:, :, None]).astype(np.float32)
+    _, state = lora.forward(ids, mask)
+    got = lora.backward(state, {cfg.n_layers: R})
+
+    model = reference_model(path, cfg.family)
+    tensors = {}
+    for layer in lora.adapters:
+        for a in layer.values():
+            for name, A, B in zip(a.names, a.A, a.B):
+                tA = torch.tensor(A, dtype=torch.float64, requires_grad=True)
+                tB = torch.tensor(B, dtype=torch.float64, requires_grad=True)
+                tensors[name] = (tA, tB)
+                model.get_submodule(name).register_forward_hook(
+                    lambda mod, inp, out, tA=tA, tB=tB, s=float(a.scale): out + s * (inp[0] @ tA.T) @ tB.T)
+    model = model.double()
+    h = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)))[0]
+    (h * torch.from_numpy(R).double()).sum().backward()
+    for name, (tA, tB) in tensors.items():
+        for suffix, t in ((".lora_A", tA), (".lora_B", tB)):
+            want = t.grad.numpy()
+            np.testing.assert_allclose(got[name + suffix], want, rtol=ENCODER_GRAD_RTOL,
+                                       atol=ENCODER_GRAD_ATOL * np.abs(want).max(), err_msg=name + suffix)
+
+
 def test_full_finetuning_follows_torch_loss_trajectory(tiny_bert):
     path, expert = tiny_bert
     texts, y = toy_task(40)

@@ -139,6 +139,21 @@ def test_transposed_weight_computes_y_times_a(R, C):
     assert_close(linear(y, ta), y.astype(np.float64) @ a, MATMUL_ATOL, MATMUL_RTOL, "linear(y, a^T)")
 
 
+@pytest.mark.parametrize("N,K", [(5, 1), (NR, 7), (2 * NR + 3, NR + 1), (3 * NR, 2 * NR)])
+def test_packed_weight_transposed_equals_a_fresh_pack_and_is_kept(N, K):
+    # dx = dy @ w reads w^T's panels: re-packed from the forward panels once per weight, not at every backward
+    rng = np.random.default_rng(N * K)
+    w = rand(rng, N, K, dtype=np.float32)
+    packed = pack_weight(w)
+    t = packed.transposed()
+    assert t is packed.transposed()
+    assert t.shape == (K, N)
+    np.testing.assert_array_equal(t.panels, TransposedWeight(w).panels)
+    np.testing.assert_array_equal(t.unpack(), w.T)
+    dy = rand(rng, 9, N, dtype=np.float32)
+    assert_close(linear(dy, t), dy.astype(np.float64) @ w, MATMUL_ATOL, MATMUL_RTOL, "linear(dy, w^T)")
+
+
 def test_linear_backward_rejects_bad_input():
     x = np.zeros((4, 6), np.float32)
     with pytest.raises(ValueError, match=r"dy has shape \(4, 3\), expected \(4, 5\)"):

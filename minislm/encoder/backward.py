@@ -32,7 +32,7 @@ from minislm.encoder.model import additive_mask, position_ids, relative_position
 from minislm.kernels.activations import gelu, gelu_backward
 from minislm.kernels.attention import attention_backward
 from minislm.kernels.embedding import embed_backward
-from minislm.kernels.matmul import TransposedWeight, linear, linear_backward
+from minislm.kernels.matmul import linear, linear_backward, transposed_weight
 from minislm.kernels.norm import layer_norm_backward
 
 FLOAT_BYTES = 4
@@ -124,7 +124,7 @@ def _linear_backward(name, x, w, dy, need_dx, want, grads, adapters, adapter_cac
     if name + "_w" in want:
         dx, grads[name + "_w"], db = linear_backward(x, w, dy, need_dx=need_dx)
     else:
-        dx = linear(dy, TransposedWeight(w.unpack())) if need_dx else None
+        dx = linear(dy, transposed_weight(w)) if need_dx else None
         db = dy.sum(axis=0, dtype=np.float64).astype(np.float32) if name + "_b" in want else None
     if name + "_b" in want:
         grads[name + "_b"] = db

@@ -18,6 +18,7 @@ Each adaptation exposes the same small interface to the training loop (finetune.
     delta()                    -> (arrays, meta): only what changed, float32, meta with the base weights' sha256
 and apply(expert, arrays, meta) rebuilds the adapted expert from a delta, after checking the base.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,7 +32,9 @@ from minislm.encoder.folder import attention_names, expected_shapes
 from minislm.encoder.model import (Encoder, Workspace, additive_mask, embed, embedding_weights, layer_forward,
                                    layer_weights, relative_position_bias)
 from minislm.encoder.pooling import pool_layers
-from minislm.kernels.matmul import pack_weight
+from minislm.kernels.layout import transpose
+from minislm.kernels.matmul import TransposedWeight, linear, pack_weight
+from minislm.kernels.tiles import whole_panels
 
 METHODS = ("lora", "topk", "full")
 ATTENTION_TARGETS = ("qkv", "attn_out")
@@ -55,7 +58,9 @@ class LoRALinear:
 
     forward(x [M, K]) -> (delta [M, N], cache); backward(cache, x, dy [M, N], need_dx) -> (dx [M, K], grads):
         u = drop(x) A^T [M, r],  dB = s dy^T u,  du = s dy B,  dA = du^T drop(x),  dx = drop'(du A)
-    (s = alpha / r), so the frozen W never gets a gradient: the branch costs 2 M r (K + N) FLOPs per product.
+    (s = alpha / r), so the frozen W never gets a gradient. Every product runs on the GEMM kernel (matmul.py),
+    the blocks of a fused linear (query, key, value) stacked into one product each (`_stacked`): NumPy's BLAS
+    would start its own threads, which then spin beside Numba's on the same cores.
     """
 
     def __init__(self, blocks, K, rank, alpha, dropout, rng):
@@ -78,32 +83,43 @@ class LoRALinear:
     def _dropped(self, x, keep):
         return x if keep is None else x * keep * np.float32(1.0 / (1.0 - self.dropout))
 
+    def _stacked(self):
+        # -> A_all [R', K]: every block's A stacked and zero-padded to whole panels (R' = whole_panels(blocks r)),
+        # and B_all [N, R']: block j's s B_j in rows sl_j, columns j r .. j r + r, zero elsewhere (block-diagonal),
+        # so that the branch is two GEMMs on the kernel's tiles: delta = (x A_all^T) B_all^T
+        r = self.A[0].shape[0]
+        width = whole_panels(r * len(self.A))
+        A_all = np.zeros((width, self.A[0].shape[1]), dtype=np.float32)
+        B_all = np.zeros((self.N, width), dtype=np.float32)
+        for j, (sl, A, B) in enumerate(zip(self.slices, self.A, self.B)):
+            A_all[j * r:(j + 1) * r] = A
+            B_all[sl, j * r:(j + 1) * r] = self.scale * B
+        return A_all, B_all
+
     def forward(self, x):
         keep = None
         if self.rng is not None and self.dropout > 0:
             keep = self.rng.random(x.shape, dtype=np.float32) >= self.dropout
         xd = self._dropped(x, keep)
-        delta = np.zeros((x.shape[0], self.N), dtype=np.float32)
-        us = []
-        for sl, A, B in zip(self.slices, self.A, self.B):
-            u = xd @ A.T                                         # [M, r]
-            delta[:, sl] = self.scale * (u @ B.T)                # [M, N_j]
-            us.append(u)
-        return delta, (keep, us)
+        A_all, B_all = self._stacked()
+        u = linear(xd, A_all)                                    # [M, R']
+        return linear(u, B_all), (keep, u)                       # [M, N]
 
     def backward(self, cache, x, dy, need_dx):
-        keep, us = cache
+        keep, u = cache
         xd = self._dropped(x, keep)
-        dxd = np.zeros_like(x) if need_dx else None
+        A_all, B_all = self._stacked()
+        r = self.A[0].shape[0]
+        dB_all = linear(transpose(dy), TransposedWeight(u))     # [N, R'] = dy^T u (the s is in B_all's rows)
+        du = linear(dy, TransposedWeight(B_all))                 # [M, R'] = s dy B per block
+        dA_all = linear(transpose(du), TransposedWeight(xd))     # [R', K]
         grads = {}
-        for name, sl, A, B, u in zip(self.names, self.slices, self.A, self.B, us):
-            dy_j = dy[:, sl]
-            grads[name + ".lora_B"] = self.scale * (dy_j.T @ u)  # [N_j, r]
-            du = self.scale * (dy_j @ B)                         # [M, r]
-            grads[name + ".lora_A"] = du.T @ xd                  # [r, K]
-            if need_dx:
-                dxd += du @ A
-        return (self._dropped(dxd, keep) if need_dx else None), grads
+        for j, (name, sl) in enumerate(zip(self.names, self.slices)):
+            grads[name + ".lora_A"] = np.ascontiguousarray(dA_all[j * r:(j + 1) * r])
+            grads[name + ".lora_B"] = self.scale * dB_all[sl, j * r:(j + 1) * r]
+        if not need_dx:
+            return None, grads
+        return self._dropped(linear(du, TransposedWeight(A_all)), keep), grads
 
     def merge(self, w):
         """w [N, K] -> w + s B_j A_j on each block (a new array)."""
@@ -250,6 +266,13 @@ def run_layers(encoder, x, mask, start, keep=()):
     return hidden, caches
 
 
+def cache_bytes(cfg, k, n_tokens, n_texts, dtype=np.float16, pooled=False):
+    """Disk bytes of TopLayers.cache for top-k of an encoder over n_texts texts holding n_tokens real tokens."""
+    start = cfg.n_layers - k
+    return n_tokens * cfg.hidden * np.dtype(dtype).itemsize + (
+        n_texts * (start + 1) * 2 * cfg.hidden * 4 if pooled else 0) + 8 * (n_texts + 1)
+
+
 class TopLayers(Tensors):
     """The top k layers train. With cache(), the frozen layers' output (the input of layer L - k, real tokens
     only) and their pooled states are computed once and read back from disk; without it every step runs them."""
@@ -259,38 +282,49 @@ class TopLayers(Tensors):
         self.k, self.start = k, expert.config.n_layers - k
         self.cached = None
 
-    def cache(self, rows, batches, pad, work_dir, texts_hash, max_len, dtype=np.float16, log=print):
+    def cache(self, rows, batches, pad, work_dir, texts_hash, max_len, dtype=np.float16, log=print, pooled=True):
         """rows: the token-id lists of the texts that forward's idx refers to; batches: the index batches the
         cache is computed in (the training batches, so a batch's padded length, and hence every float, matches a
-        run without the cache); pad(rows) -> ids, mask. Files go to work_dir/topk-<key>/, key = sha256 of the
-        weights' sha256, texts_hash, max_len, the start layer and dtype; an existing complete cache is reused."""
+        run without the cache); pad(rows) -> ids, mask. pooled: also keep every frozen layer's pooled states
+        (only a layer-mix head reads them). Files go to work_dir/topk-<key>/, key = sha256 of the weights'
+        sha256, texts_hash, max_len, the start layer, dtype and pooled; an existing complete cache is reused.
+
+        Disk: every real token's H values in `dtype` (float16: 2 H bytes a token), plus (L - k + 1) 2H float32
+        per text when pooled (`cache_bytes`). Memory: both arrays are filled through memory maps batch by
+        batch and read back memory-mapped, so a process holds one batch of them at a time."""
         cfg, H = self.cfg, self.cfg.hidden
         key = hashlib.sha256(json.dumps([CACHE_FORMAT, self.expert.weights_sha256, texts_hash, max_len, self.start,
-                                         np.dtype(dtype).name]).encode()).hexdigest()[:20]
+                                         np.dtype(dtype).name, bool(pooled)]).encode()).hexdigest()[:20]
         folder = Path(work_dir) / f"topk-{key}"
         done = folder / "done.json"
+        names = ("tokens", "offsets", "pooled") if pooled else ("tokens", "offsets")
         if not done.exists():
             lengths = np.array([len(r) for r in rows])
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            tokens = np.zeros((offsets[-1], H), dtype=dtype)
-            pooled = np.zeros((len(rows), self.start + 1, 2 * H), dtype=np.float32)
-            base = self.expert.encoder
-            for b in batches:
-                ids, mask = pad([rows[i] for i in b])
-                x = embed(cfg, base.embeddings, ids)
-                hidden, _ = run_layers(_bottom(base, self.start), x, mask, 0)
-                pooled[b] = pool_layers(hidden, mask)
-                for j, i in enumerate(b):
-                    tokens[offsets[i]:offsets[i + 1]] = hidden[-1, j, :lengths[i]]
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             folder.mkdir(parents=True, exist_ok=True)
-            for name, arr in (("tokens", tokens), ("offsets", offsets), ("pooled", pooled)):
-                with atomic.atomic_path(folder / f"{name}.npy") as tmp:
-                    with open(tmp, "wb") as f:
-                        np.save(f, arr, allow_pickle=False)
-            atomic.write_json(done, {"rows": len(rows), "start_layer": self.start, "dtype": np.dtype(dtype).name})
-            log(f"top-{self.k}: cached layers 0..{self.start - 1}' output of {len(rows)} texts in {folder}")
-        self.cached = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                       for name in ("tokens", "offsets", "pooled")}
+            with contextlib.ExitStack() as stack:
+                tmp = {n: stack.enter_context(atomic.atomic_path(folder / f"{n}.npy")) for n in names}
+                tokens = np.lib.format.open_memmap(tmp["tokens"], mode="w+", dtype=dtype, shape=(int(offsets[-1]), H))
+                np.save(tmp["offsets"], offsets, allow_pickle=False)
+                store = (np.lib.format.open_memmap(tmp["pooled"], mode="w+", dtype=np.float32,
+                                                   shape=(len(rows), self.start + 1, 2 * H)) if pooled else None)
+                base = _bottom(self.expert.encoder, self.start)
+                for b in batches:
+                    ids, mask = pad([rows[i] for i in b])
+                    hidden, _ = run_layers(base, embed(cfg, base.embeddings, ids), mask, 0)
+                    if pooled:
+                        store[b] = pool_layers(hidden, mask)
+                    for j, i in enumerate(b):
+                        tokens[offsets[i]:offsets[i + 1]] = hidden[-1, j, :lengths[i]]
+                for arr in (tokens, store):
+                    if arr is not None:
+                        arr.flush()
+                del tokens, store
+            atomic.write_json(done, {"rows": len(rows), "start_layer": self.start, "dtype": np.dtype(dtype).name,
+                                     "pooled": bool(pooled)})
+            log(f"top-{self.k}: cached layers 0..{self.start - 1}' output of {len(rows)} texts in {folder} "
+                f"({sum((folder / f'{n}.npy').stat().st_size for n in names) / 1e6:.0f} MB)")
+        self.cached = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
         return folder
 
     def forward(self, ids, mask, idx=None, keep=None):
@@ -304,7 +338,8 @@ class TopLayers(Tensors):
         keep = range(self.start, self.cfg.n_layers) if keep is None else keep
         hidden, caches = run_layers(self.current, x, mask, self.start, keep)
         states = dict(enumerate(hidden, start=self.start))
-        states["pooled_below"] = np.asarray(self.cached["pooled"][idx])  # [B, start + 1, 2H]
+        if "pooled" in self.cached:
+            states["pooled_below"] = np.asarray(self.cached["pooled"][idx])  # [B, start + 1, 2H]
         return states, (ids, mask, caches)
 
 

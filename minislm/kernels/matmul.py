@@ -79,6 +79,7 @@ class PackedWeight:
         padded[:self.n] = w
         self.panels = np.ascontiguousarray(padded.reshape(n_panels, NR, self.k).transpose(0, 2, 1))
         self._unpacked = None
+        self._transposed = None
 
     @property
     def shape(self):
@@ -88,6 +89,15 @@ class PackedWeight:
     def unpack(self):
         """-> w [N, K] (a copy): the torch-layout weight, e.g. for a backward pass."""
         return np.ascontiguousarray(self.panels.transpose(0, 2, 1).reshape(-1, self.k)[:self.n])
+
+    def transposed(self):
+        """-> TransposedWeight of this weight (the panels of w^T, for dx = dy @ w), made on first use and kept:
+        the weights are never changed in place (a trained weight is packed anew after every update)."""
+        if self._transposed is None:
+            out = np.empty((whole_panels(self.k) // NR, self.n, NR), dtype=np.float32)
+            _transpose_panels(self.panels, self.n, out)
+            self._transposed = TransposedWeight.of_panels(out, n=self.k, k=self.n)
+        return self._transposed
 
     def torch_layout(self):
         """w [N, K], unpacked on first use and kept: the BLAS backend reads this layout on every call."""
@@ -237,21 +247,70 @@ def linear_backward_reference(x, w, dy):
 class TransposedWeight(PackedWeight):
     """The panels of a^T for a [R, C]: what `linear` needs to compute y @ a for y [M, R].
 
-    panels [ceil(C/32), R, 32] with panels[p, r, j] = a[r, 32p + j] (zero past C), i.e. a's columns in blocks
-    of 32: one copy of a, no transpose. Its shape is (C, R), that of the torch-layout weight a^T.
+    panels [ceil(C/W), R, W] with panels[p, r, j] = a[r, W p + j] (zero past C), i.e. a's columns in blocks
+    of W: one parallel copy of a (`_pack_columns`), no transpose. Its shape is (C, R), that of the
+    torch-layout weight a^T.
     """
 
     def __init__(self, a):
         check_array("transposed_weight", "a", a, ndim=2)
         R, C = a.shape
-        full = C // NR
-        panels = np.zeros((whole_panels(C) // NR, R, NR), dtype=np.float32)
-        panels[:full] = a[:, :full * NR].reshape(R, full, NR).transpose(1, 0, 2)
-        if full < panels.shape[0]:
-            panels[full, :, :C - full * NR] = a[:, full * NR:]
-        self.n, self.k = C, R
-        self.panels = panels
-        self._unpacked = None
+        panels = np.empty((whole_panels(C) // NR, R, NR), dtype=np.float32)
+        _pack_columns(a, panels)
+        self._set(panels, n=C, k=R)
+
+    @classmethod
+    def of_panels(cls, panels, n, k):
+        """Ready panels [ceil(n/W), k, W] of an [n, k] torch-layout weight -> TransposedWeight (no copy)."""
+        out = cls.__new__(cls)
+        out._set(panels, n, k)
+        return out
+
+    def _set(self, panels, n, k):
+        self.panels, self.n, self.k = panels, n, k
+        self._unpacked = self._transposed = None
+
+
+@njit(cache=True, parallel=True)
+def _pack_columns(a, panels):
+    # a [R, C] -> panels [ceil(C/W), R, W], panels[p, r, j] = a[r, W p + j], zero past C. Rows go to threads:
+    # each reads one row of a once and writes W-float runs.
+    R, C = a.shape
+    P = panels.shape[0]
+    for r in prange(R):
+        for p in range(P):
+            c0 = p * NR
+            width = min(NR, C - c0)
+            for j in range(width):
+                panels[p, r, j] = a[r, c0 + j]
+            for j in range(width, NR):
+                panels[p, r, j] = 0.0
+
+
+@njit(cache=True, parallel=True)
+def _transpose_panels(panels, n, out):
+    # panels [P, K, W] of w [n, K] -> out [ceil(K/W), n, W], out[q, r, j] = w[r, W q + j]: the panels of w^T,
+    # by W x W blocks (read contiguous from panels, written as W-float runs of out)
+    P, K, W = panels.shape
+    Q = out.shape[0]
+    for p in prange(P):
+        rows = min(W, n - p * W)
+        for q in range(Q):
+            k0 = q * W
+            width = min(W, K - k0)
+            for c in range(rows):
+                r = p * W + c
+                for j in range(width):
+                    out[q, r, j] = panels[p, k0 + j, c]
+                for j in range(width, W):
+                    out[q, r, j] = 0.0
+
+
+def transposed_weight(w):
+    """w [N, K] (array or PackedWeight) -> the TransposedWeight of w, i.e. the packed w^T, with which
+    linear(dy, ...) computes dy @ w. A PackedWeight keeps it (`PackedWeight.transposed`): a frozen weight is
+    re-packed once, not at every backward."""
+    return w.transposed() if isinstance(w, PackedWeight) else TransposedWeight(w)
 
 
 def linear_backward(x, w, dy, need_dx=True, dw=None, db=None, accumulate=False, backend=None):
@@ -278,8 +337,7 @@ def linear_backward(x, w, dy, need_dx=True, dw=None, db=None, accumulate=False, 
         check_array("linear_backward", "db", db, shape=(N,))
     dx = None
     if need_dx:
-        w_plain = w.unpack() if isinstance(w, PackedWeight) else w
-        dx = linear(dy, TransposedWeight(w_plain), backend=backend)
+        dx = linear(dy, transposed_weight(w), backend=backend)
     dy_t = transpose(dy)  # [N, M], cache-blocked (layout.py)
     if accumulate:
         dw += linear(dy_t, TransposedWeight(x), backend=backend)

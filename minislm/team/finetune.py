@@ -247,7 +247,7 @@ def finetune(expert, texts_fit, y_fit, texts_val, y_val, cfg=None, work_dir=None
                                           cfg.top_k, cfg.seed)
     if cfg.method == "topk" and work_dir is not None:
         adaptation.cache(rows_fit, batches, tok.pad, work_dir, texts_hash(texts_fit), cfg.max_len,
-                         np.dtype(cfg.cache_dtype), log)
+                         np.dtype(cfg.cache_dtype), log, pooled=cfg.pooling == "mix")
     model = Model(adaptation, enc_cfg.n_layers, enc_cfg.hidden, n_classes, cfg, np.random.default_rng(cfg.seed))
     params = {"encoder": adaptation.params, "head": model.head}
     groups = {f"enc{f:.6g}": (names, f) for f, names in lr_groups(enc_cfg, adaptation.params, cfg.llrd).items()}
