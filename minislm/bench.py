@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -666,8 +667,10 @@ def main(argv=None):
         result["workload"] = workload_rows(args.experts, args.workload_rows, refs, log)
     if not args.no_train_step and refs["torch"] is not None and refs["transformers"] is not None:
         log("training step of all-MiniLM-L6-v2, full and LoRA (python -m minislm.bench_train, a fresh process)")
-        result["train_step"] = in_fresh_process(["--runs", str(max(3, args.runs // 2)), "--threads", str(threads)],
-                                                module="minislm.bench_train")
+        with tempfile.TemporaryDirectory() as tmp:  # bench_train.json is bench_train's own full run, kept apart
+            result["train_step"] = in_fresh_process(
+                ["--runs", str(max(3, args.runs // 2)), "--threads", str(threads), "--experts", "all-MiniLM-L6-v2",
+                 "--no-epoch", "--out", os.path.join(tmp, "bench_train.json")], module="minislm.bench_train")
         result["l6_train_step_vs_torch"] = result["train_step"].get("l6_train_step_vs_torch")
         result["l6_lora_step_vs_torch"] = result["train_step"].get("l6_lora_step_vs_torch")
     l6 = next((r for r in result["encoders"] if r["expert"] == "all-MiniLM-L6-v2"), {})
