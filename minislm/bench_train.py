@@ -79,7 +79,9 @@ def torch_step(expert, method, torch):
             p.requires_grad_(False)
         for layer in model.encoder.layer:
             att = layer.attention
-            for lin in (att.self.query, att.self.key, att.self.value, att.output.dense):
+            linears = ((att.attn.q, att.attn.k, att.attn.v, att.attn.o) if expert.config.family == "mpnet" else
+                       (att.self.query, att.self.key, att.self.value, att.output.dense))
+            for lin in linears:
                 _add_lora(lin, torch)
     trainable = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": WD},
