@@ -96,10 +96,12 @@ def test_top_layers_alone_keep_one_layer_and_give_the_same_gradients(tiny):
     full = ours(enc, ids, mask, W, R, expected_shapes(cfg))
     assert set(got) == set(names)
     # Layers that are not kept run GELU fused into their matmul's epilogue, which may round the last bit
-    # differently from the kept layers' separate GELU: the top layer then sees inputs equal to ~1 ulp.
+    # differently from the kept layers' separate GELU: the top layer then sees inputs equal to ~1 ulp, an error
+    # that scales with the tensor's gradients, so the absolute tolerance is relative to the largest of them.
     for name in names:
-        np.testing.assert_allclose(got[name], full[name], rtol=BACKWARD_KERNEL_RTOL, atol=BACKWARD_KERNEL_ATOL,
-                                   err_msg=name)
+        scale = max(1.0, float(np.abs(full[name]).max()))
+        np.testing.assert_allclose(got[name], full[name], rtol=BACKWARD_KERNEL_RTOL,
+                                   atol=BACKWARD_KERNEL_ATOL * scale, err_msg=name)
     with pytest.raises(ValueError, match="not kept"):
         encoder_backward(enc, ids, mask, caches, {cfg.n_layers: R.astype(np.float32)}, names[:1] + [
             "embeddings.LayerNorm.weight"])
